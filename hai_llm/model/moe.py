@@ -1,0 +1,197 @@
+"""DeepSeekMoE, single device: the sigmoid gate with group-limited routing and a
+routing-only bias, fine-grained routed experts run as one grouped GEMM, shared experts,
+the complementary sequence-wise balance loss and the auxiliary-loss-free bias update.
+
+Expert weights are stacked ([E, out, in] per projection) so that a grouped GEMM, FP8
+block quantization and expert parallelism (a slice along E) all see one tensor; the
+checkpoint rename table splits or fuses them for DeepSeek's and Hugging Face's layouts.
+
+Routing statistics (per-expert token counts and the balance loss of the last forward)
+are kept on the module and collected by the trainer / pipeline stage after each
+forward: ``pop_stats``. That keeps the model free of process groups and lets a pipeline
+stage add the balance loss of exactly the layers it owns to its own backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .layers import MLP
+
+
+class Gate(nn.Module):
+    """Router: scores = sigmoid(x W^T) in fp32; bias only for choosing experts."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.topk = args.n_activated_experts
+        self.n_groups = args.n_expert_groups
+        self.topk_groups = args.n_limited_groups
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        # not a Parameter: updated by +-gamma after each optimizer step, never by gradients
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x_TD.float(), self.weight.float())
+        return logits.sigmoid() if self.args.score_func == "sigmoid" else logits.softmax(-1)
+
+    def route(self, scores_TE: torch.Tensor):
+        """(weights [T,K] fp32, expert ids [T,K]) from unbiased scores [T,E]."""
+        T, E = scores_TE.shape
+        choice = scores_TE.detach() + self.bias
+        if self.n_groups > 1:
+            grouped = choice.view(T, self.n_groups, E // self.n_groups)
+            # a group is worth the sum of its two best (biased) experts
+            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            keep = group_score.topk(self.topk_groups, dim=-1).indices
+            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        idx = choice.topk(self.topk, dim=-1).indices
+        weights = scores_TE.gather(1, idx)
+        if self.args.score_func == "sigmoid":
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.args.route_scale, idx
+
+    def forward(self, x_TD: torch.Tensor):
+        s = self.scores(x_TD)
+        w, idx = self.route(s)
+        return w, idx, s
+
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+        self.bias.zero_()
+
+
+def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """y[r] = x[r] @ w[e(r)]^T for rows sorted by expert, ``counts`` rows per expert.
+
+    bf16 uses torch._grouped_mm; other dtypes (fp32/fp64 on CPU, where _grouped_mm is
+    bf16-only) scatter rows into a zero-padded [E, max_count, I] batch and use one bmm.
+    Zero-count experts cost nothing but their slot in the padded batch.
+    """
+    E = w_EOI.shape[0]
+    if x_RI.shape[0] == 0:
+        return x_RI.new_zeros(0, w_EOI.shape[1])
+    if x_RI.dtype == torch.bfloat16 and w_EOI.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        offs = counts_E.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs)
+    expert_of_row = torch.repeat_interleave(torch.arange(E, device=x_RI.device), counts_E)
+    start = counts_E.cumsum(0) - counts_E
+    pos = torch.arange(x_RI.shape[0], device=x_RI.device) - start[expert_of_row]
+    cap = int(counts_E.max())
+    buf = x_RI.new_zeros(E, cap, x_RI.shape[1])
+    buf = buf.index_put((expert_of_row, pos), x_RI)
+    out = torch.bmm(buf, w_EOI.transpose(1, 2).to(x_RI.dtype))
+    return out[expert_of_row, pos]
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights w1/w3 [E, I, D] and w2 [E, D, I]."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    @property
+    def n_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by (local) expert, ``counts_E`` rows each -> expert outputs [R, D]."""
+        h = F.silu(grouped_mm(x_RD, self.w1, counts_E)) * grouped_mm(x_RD, self.w3, counts_E)
+        return grouped_mm(h, self.w2, counts_E)
+
+    def reset_parameters(self, std: float) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.normal_(w, std=std)
+
+
+def sort_by_expert(idx_TK: torch.Tensor, n_experts: int):
+    """Stable order of the T*K (token, slot) pairs by expert: (order, token_of_row, counts)."""
+    flat = idx_TK.flatten()
+    order = torch.argsort(flat, stable=True)
+    token_of_row = order // idx_TK.shape[1]
+    counts = torch.bincount(flat, minlength=n_experts)
+    return order, token_of_row, counts
+
+
+def sequence_balance_loss(scores_BSE: torch.Tensor, idx_BSK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Complementary sequence-wise balance loss sum_i f_i P_i, averaged over sequences.
+
+    f_i = E / (K S) * #tokens of the sequence routed to expert i (detached counts),
+    P_i = mean over the sequence of s_i / sum_j s_j (unbiased scores, differentiable).
+    """
+    B, S, K = idx_BSK.shape
+    counts = torch.zeros(B, n_experts, device=idx_BSK.device, dtype=torch.float32)
+    counts.scatter_add_(1, idx_BSK.reshape(B, S * K), torch.ones(B, S * K, device=idx_BSK.device))
+    f = counts * (n_experts / (K * S))
+    p = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
+    return (f * p).sum(-1).mean()
+
+
+@dataclass
+class MoEStats:
+    counts: torch.Tensor  # [E] tokens routed to each expert in the last forward (detached)
+    balance_loss: torch.Tensor  # alpha * sequence-wise loss, part of the autograd graph
+
+
+class MoE(nn.Module):
+    """Routed experts (top-K of E, group-limited) plus always-on shared experts."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.n_experts = args.n_routed_experts
+        self.gate = Gate(args)
+        self.experts = GroupedExperts(args.n_routed_experts, args.dim, args.moe_inter_dim)
+        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) \
+            if args.n_shared_experts > 0 else None
+        self._stats: MoEStats | None = None
+
+    def routed(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+        """sum_k weight_k * expert_{idx_k}(x) for every token, via one grouped GEMM."""
+        order, token_of_row, counts = sort_by_expert(idx_TK, self.n_experts)
+        y = self.experts(x_TD[token_of_row], counts)
+        y = y * weights_TK.flatten()[order].unsqueeze(-1).to(y.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_of_row, y.to(x_TD.dtype))
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x = x_BSD.reshape(B * S, D)
+        weights, idx, scores = self.gate(x)
+        self.record(scores.view(B, S, -1), idx.view(B, S, -1))
+        y = self.routed(x, weights, idx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(B, S, D)
+
+    # -- balancing -----------------------------------------------------------------------
+    def record(self, scores_BSE: torch.Tensor, idx_BSK: torch.Tensor) -> None:
+        counts = torch.bincount(idx_BSK.flatten(), minlength=self.n_experts).detach()
+        if self.args.seq_aux_alpha > 0 and torch.is_grad_enabled():
+            bal = self.args.seq_aux_alpha * sequence_balance_loss(scores_BSE, idx_BSK, self.n_experts)
+        else:
+            bal = scores_BSE.new_zeros(())
+        self._stats = MoEStats(counts=counts, balance_loss=bal)
+
+    def pop_stats(self) -> MoEStats | None:
+        s, self._stats = self._stats, None
+        return s
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor, gamma: float) -> None:
+        """Aux-loss-free balancing: b -= gamma where the expert took more than the mean
+        load of the step's whole batch, b += gamma where it took less."""
+        load = load_E.to(self.gate.bias)
+        self.gate.bias.add_(gamma * torch.sign(load.mean() - load))
+
+    def reset_parameters(self, std: float) -> None:
+        self.gate.reset_parameters(std)
+        self.experts.reset_parameters(std)

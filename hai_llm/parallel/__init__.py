@@ -1,0 +1,1 @@
+"""hai-llm package."""
