@@ -1,0 +1,40 @@
+"""`hai-llm-train`: the Hydra entry point of every training run.
+
+    hai-llm-train                                  # embedded default
+    hai-llm-train model=tiny train.steps=20        # any override
+    hai-llm-train -m optim.lr=1e-3,3e-3            # a sweep: one output folder per job
+
+With ``parallel.nprocs=1`` the run happens in this process. Larger layouts go through
+``hai_llm.launch.ranks`` (simulated gloo ranks on one machine) or torchrun.
+"""
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from hai_llm.config.load import config_dir
+from hai_llm.config.schema import register_configs, to_config
+
+register_configs()
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train with a composed config; returns a summary (final loss, tokens/s)."""
+    conf = to_config(cfg)
+    from hai_llm.launch.ranks import launch
+
+    return launch(conf, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float:
+    summary = run(cfg)
+    return summary.get("final_loss", float("nan"))
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
