@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
-from .layers import RMSNorm, apply_rope, maybe_recompute
+from .layers import RMSNorm, Rope, apply_rope, maybe_recompute
 
 
 class MLA(nn.Module):
@@ -47,7 +47,7 @@ class MLA(nn.Module):
     def _q_up(self, q_lat: torch.Tensor) -> torch.Tensor:
         return self.wq_b(self.q_norm(q_lat))
 
-    def query(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def query(self, x_BSD: torch.Tensor, rope: Rope):
         """Per-head query split into (q_nope [B,S,H,dn], q_pe [B,S,H,R]) with RoPE applied."""
         B, S, _ = x_BSD.shape
         if self.args.q_lora_rank == 0:
@@ -56,13 +56,13 @@ class MLA(nn.Module):
             q = maybe_recompute(self.selective, self._q_up, self.wq_a(x_BSD))
         q = q.view(B, S, self.n_heads, self.qk_nope + self.qk_rope)
         q_nope, q_pe = q.split([self.qk_nope, self.qk_rope], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin)
+        return q_nope, apply_rope(q_pe, rope.cos, rope.sin)
 
-    def latent(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def latent(self, x_BSD: torch.Tensor, rope: Rope) -> torch.Tensor:
         """The compressed KV of each token: [B, S, kv_lora_rank + R] = [latent | rope'd k_pe]."""
         kv = self.wkv_a(x_BSD)
         lat, k_pe = kv.split([self.kv_rank, self.qk_rope], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        k_pe = apply_rope(k_pe.unsqueeze(2), rope.cos, rope.sin).squeeze(2)
         return torch.cat([lat, k_pe], dim=-1)
 
     def _kv_up(self, lat: torch.Tensor) -> torch.Tensor:
@@ -87,8 +87,10 @@ class MLA(nn.Module):
         B, _, S, _ = o.shape
         return o.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q_nope, q_pe = self.query(x_BSD, cos, sin)
-        k, v = self.expand_kv(self.latent(x_BSD, cos, sin))
+    def forward(self, x_BSD: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """Causal attention over the tokens of x, which must be contiguous positions
+        (sequence parallelism replaces this method, see hai_llm.parallel.sequence)."""
+        q_nope, q_pe = self.query(x_BSD, rope)
+        k, v = self.expand_kv(self.latent(x_BSD, rope))
         o = self.core(torch.cat([q_nope, q_pe], dim=-1), k, v)
         return self.wo(o)

@@ -8,6 +8,7 @@ R rope dim, E experts, K experts per token, T tokens (B*S flattened), V vocabula
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,16 @@ def rope_cos_sin(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tens
     t = torch.arange(args.max_seq_len, device=device, dtype=torch.float32)
     ang = torch.outer(t, freqs)
     return ang.cos(), ang.sin()
+
+
+class Rope(NamedTuple):
+    """What a block needs to know about the positions of its tokens: the rotary tables
+    gathered at those positions and the positions themselves (global indices within
+    the sequence; contiguous 0..S-1 on one device, two mirrored chunks per rank under
+    sequence parallelism)."""
+    cos: torch.Tensor  # [S, R/2]
+    sin: torch.Tensor  # [S, R/2]
+    pos: torch.Tensor  # [S] int64
 
 
 def apply_rope(x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:

@@ -122,18 +122,27 @@ def sort_by_expert(idx_TK: torch.Tensor, n_experts: int):
     return order, token_of_row, counts
 
 
-def sequence_balance_loss(scores_BSE: torch.Tensor, idx_BSK: torch.Tensor, n_experts: int) -> torch.Tensor:
+def sequence_balance_loss(scores_BSE: torch.Tensor, idx_BSK: torch.Tensor, n_experts: int,
+                          reducer=None, world: int = 1) -> torch.Tensor:
     """Complementary sequence-wise balance loss sum_i f_i P_i, averaged over sequences.
 
     f_i = E / (K S) * #tokens of the sequence routed to expert i (detached counts),
     P_i = mean over the sequence of s_i / sum_j s_j (unbiased scores, differentiable).
+
+    Under sequence parallelism each of ``world`` ranks holds S/world tokens of every
+    sequence: the counts are summed over ranks by ``reducer`` (no gradient), and each rank
+    returns world * (its tokens' share of P) so that the mean over ranks, which is what the
+    data-parallel gradient average computes, is exactly the one-device loss.
     """
-    B, S, K = idx_BSK.shape
+    B, S_local, K = idx_BSK.shape
+    S = S_local * world
     counts = torch.zeros(B, n_experts, device=idx_BSK.device, dtype=torch.float32)
-    counts.scatter_add_(1, idx_BSK.reshape(B, S * K), torch.ones(B, S * K, device=idx_BSK.device))
+    counts.scatter_add_(1, idx_BSK.reshape(B, S_local * K), torch.ones(B, S_local * K, device=idx_BSK.device))
+    if reducer is not None:
+        counts = reducer(counts)
     f = counts * (n_experts / (K * S))
-    p = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
-    return (f * p).sum(-1).mean()
+    p_local = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).sum(1) / S
+    return world * (f * p_local).sum(-1).mean()
 
 
 @dataclass
@@ -154,9 +163,18 @@ class MoE(nn.Module):
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) \
             if args.n_shared_experts > 0 else None
         self._stats: MoEStats | None = None
+        # Hooks set by parallelization functions (the model itself never communicates):
+        # ``dispatcher(x, weights, idx, experts) -> y`` replaces the local routed compute
+        # (expert parallelism); ``seq_reducer`` sums [B, E] routing statistics over the
+        # ranks that share a sequence, and ``seq_world`` is their number (sequence parallel).
+        self.dispatcher = None
+        self.seq_reducer = None
+        self.seq_world = 1
 
     def routed(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
         """sum_k weight_k * expert_{idx_k}(x) for every token, via one grouped GEMM."""
+        if self.dispatcher is not None:
+            return self.dispatcher(x_TD, weights_TK, idx_TK, self.experts)
         order, token_of_row, counts = sort_by_expert(idx_TK, self.n_experts)
         y = self.experts(x_TD[token_of_row], counts)
         y = y * weights_TK.flatten()[order].unsqueeze(-1).to(y.dtype)
@@ -176,7 +194,8 @@ class MoE(nn.Module):
     def record(self, scores_BSE: torch.Tensor, idx_BSK: torch.Tensor) -> None:
         counts = torch.bincount(idx_BSK.flatten(), minlength=self.n_experts).detach()
         if self.args.seq_aux_alpha > 0 and torch.is_grad_enabled():
-            bal = self.args.seq_aux_alpha * sequence_balance_loss(scores_BSE, idx_BSK, self.n_experts)
+            bal = self.args.seq_aux_alpha * sequence_balance_loss(scores_BSE, idx_BSK, self.n_experts,
+                                                                  self.seq_reducer, self.seq_world)
         else:
             bal = scores_BSE.new_zeros(())
         self._stats = MoEStats(counts=counts, balance_loss=bal)

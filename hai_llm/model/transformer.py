@@ -17,7 +17,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .attention import MLA
-from .layers import MLP, RMSNorm, maybe_recompute, rope_cos_sin
+from .layers import MLP, RMSNorm, Rope, maybe_recompute, rope_cos_sin
 from .moe import MoE, MoEStats
 
 
@@ -31,13 +31,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim)
 
-    def _forward(self, x, cos, sin):
+    def _forward(self, x, rope: Rope):
         sel = self.args.recompute == "selective"
-        x = x + self.attn(maybe_recompute(sel, self.attn_norm, x), cos, sin)
+        x = x + self.attn(maybe_recompute(sel, self.attn_norm, x), rope)
         return x + self.ffn(maybe_recompute(sel, self.ffn_norm, x))
 
-    def forward(self, x_BSD, cos, sin):
-        return maybe_recompute(self.args.recompute == "full", self._forward, x_BSD, cos, sin)
+    def forward(self, x_BSD, rope: Rope):
+        return maybe_recompute(self.args.recompute == "full", self._forward, x_BSD, rope)
 
 
 class MTPModule(nn.Module):
@@ -52,10 +52,10 @@ class MTPModule(nn.Module):
         self.block = Block(layer_id, args)
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h_BSD, emb_BSD, cos, sin):
+    def forward(self, h_BSD, emb_BSD, rope: Rope):
         # embedding first in the concat: DeepSeek's released weights and HF/vLLM use this order
         x = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
-        return self.block(x, cos, sin)
+        return self.block(x, rope)
 
 
 @dataclass
@@ -110,39 +110,51 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     # -- forward -------------------------------------------------------------------------
-    def hidden(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        S = tokens_BS.shape[1]
-        if S > self.args.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model max_seq_len={self.args.max_seq_len}")
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+    def rope(self, pos_S: torch.Tensor) -> Rope:
+        if int(pos_S.max()) >= self.args.max_seq_len:
+            raise ValueError(f"position {int(pos_S.max())} exceeds model max_seq_len={self.args.max_seq_len}")
+        return Rope(self.rope_cos[pos_S], self.rope_sin[pos_S], pos_S)
+
+    def hidden(self, tokens_BS: torch.Tensor, pos_S: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (before ``norm``) of the main model. ``pos_S``: global
+        positions of the tokens (default 0..S-1)."""
+        if pos_S is None:
+            pos_S = torch.arange(tokens_BS.shape[1], device=tokens_BS.device)
+        rope = self.rope(pos_S)
         h = self.embed(tokens_BS)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, rope)
         return h
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] of the main model (no MTP)."""
         return self.head(self.norm(self.hidden(tokens_BS)))
 
-    def mtp_hidden(self, h_BSD: torch.Tensor, tokens_BT: torch.Tensor, S: int) -> list[torch.Tensor]:
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+    def mtp_hidden(self, h_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> list[torch.Tensor]:
+        """Normed hidden states of each MTP depth at positions ``pos_S``; depth k reads
+        the embedding of the token k places ahead (tokens_BT is the whole window)."""
+        rope = self.rope(pos_S)
         outs = []
         for k, mod in enumerate(self.mtp, start=1):
-            h_BSD = mod(h_BSD, self.embed(tokens_BT[:, k:S + k]), cos, sin)
+            h_BSD = mod(h_BSD, self.embed(tokens_BT[:, pos_S + k]), rope)
             outs.append(mod.norm(h_BSD))
         return outs
 
-    def loss(self, tokens_BT: torch.Tensor) -> LossOutput:
-        """Training loss on windows of S + 1 + D tokens (see module docstring)."""
+    def loss(self, tokens_BT: torch.Tensor, pos_S: torch.Tensor | None = None) -> LossOutput:
+        """Training loss on windows of S + 1 + D tokens (see module docstring), over the
+        positions ``pos_S`` of the window (default: all S; a sequence-parallel rank passes
+        its own chunks). Cross-entropies are means over those positions."""
         D = self.args.n_mtp_layers
         S = tokens_BT.shape[1] - 1 - D
         if S < 1:
             raise ValueError(f"need windows of seq_len + 1 + n_mtp_layers tokens; got {tokens_BT.shape[1]} "
                              f"with n_mtp_layers={D}")
-        h = self.hidden(tokens_BT[:, :S])
-        ce = F.cross_entropy(self.head(self.norm(h)).flatten(0, 1).float(), tokens_BT[:, 1:S + 1].flatten())
-        mtp_terms = [F.cross_entropy(self.head(hk).flatten(0, 1).float(), tokens_BT[:, k + 1:S + k + 1].flatten())
-                     for k, hk in enumerate(self.mtp_hidden(h, tokens_BT, S), start=1)]
+        if pos_S is None:
+            pos_S = torch.arange(S, device=tokens_BT.device)
+        h = self.hidden(tokens_BT[:, pos_S], pos_S)
+        ce = F.cross_entropy(self.head(self.norm(h)).flatten(0, 1).float(), tokens_BT[:, pos_S + 1].flatten())
+        mtp_terms = [F.cross_entropy(self.head(hk).flatten(0, 1).float(), tokens_BT[:, pos_S + k + 1].flatten())
+                     for k, hk in enumerate(self.mtp_hidden(h, tokens_BT, pos_S), start=1)]
         mtp = torch.stack(mtp_terms).mean() if mtp_terms else ce.new_zeros(())
         stats = self.pop_moe_stats()
         balance = sum((s.balance_loss for s in stats), ce.new_zeros(()))
