@@ -1,14 +1,18 @@
 """Running a resolved config on this process, on N simulated ranks, or under torchrun.
 
-* torchrun (``RANK`` / ``WORLD_SIZE`` set): this process is one rank of a real job; the
-  process group comes from the environment (NCCL on GPUs, gloo on CPU).
+* torchrun (``WORLD_SIZE`` > 1 in the environment): this process is one rank of a real
+  job; the process group comes from the environment (NCCL on GPUs, gloo on CPU).
 * ``parallel.nprocs > 1`` without torchrun: spawn that many CPU processes with gloo on
-  this machine (one OpenMP thread each), the virtual-node layout given by
-  ``parallel.gpus_per_node``. Used to debug whole layouts on a laptop or CI machine.
+  this machine (one OpenMP thread each); ``parallel.gpus_per_node`` makes virtual nodes.
 * otherwise: train in this process.
+
+The layout is validated before any process starts, so a bad layout fails at once with
+its message instead of inside N ranks.
 """
 from __future__ import annotations
 
+import os
+import statistics
 from pathlib import Path
 
 from hai_llm.config.schema import Config
@@ -16,19 +20,70 @@ from hai_llm.train import checkpoint as ckpt
 
 
 def _summary(trainer, results) -> dict:
-    import statistics
-
     last = [r.loss for r in results[-5:] if not r.skipped]
+    steps = [r for r in results if not r.skipped]
     return {"final_loss": statistics.fmean(last) if last else float("nan"), "steps": trainer.step,
-            "out_dir": str(trainer.out_dir)}
+            "out_dir": str(trainer.out_dir), "losses": [r.loss for r in results],
+            "tokens_per_s": trainer.tokens_per_s, "skipped": len(results) - len(steps)}
+
+
+def world_size_of(cfg: Config) -> int:
+    if "WORLD_SIZE" in os.environ and not os.environ.get("HAI_LLM_SIMULATED"):
+        return int(os.environ["WORLD_SIZE"])
+    return cfg.parallel.nprocs
+
+
+def validate_layout(cfg: Config, world: int):
+    from hai_llm.parallel.runtime import dims_from_config
+
+    p = cfg.parallel
+    if p.pp * p.dp * p.sp != world:
+        raise ValueError(f"parallel.pp={p.pp} x parallel.dp={p.dp} x parallel.sp={p.sp} = {p.pp * p.dp * p.sp} "
+                         f"but the job has {world} ranks (parallel.nprocs or torchrun's WORLD_SIZE): "
+                         f"make the product equal the number of ranks")
+    return dims_from_config(cfg, world)
+
+
+def _train_rank(rank: int, world: int, cfg: Config) -> dict:
+    """Body of one rank (process group already initialised)."""
+    from hai_llm.parallel.runtime import DistributedRuntime
+    from hai_llm.train.trainer import Trainer
+
+    dims = validate_layout(cfg, world)
+    trainer = Trainer(cfg, runtime=DistributedRuntime(cfg, dims), out_dir=Path(cfg.train.out_dir))
+    results = trainer.fit()
+    return _summary(trainer, results)
 
 
 def launch(cfg: Config, cfg_yaml: str) -> dict:
-    from hai_llm.train.trainer import Trainer
-
+    world = world_size_of(cfg)
     ckpt.save_resolved_config(cfg.train.out_dir, cfg_yaml)
-    trainer = Trainer(cfg, out_dir=Path(cfg.train.out_dir))
-    results = trainer.fit()
-    summary = _summary(trainer, results)
-    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, outputs in {summary['out_dir']}")
+    if world == 1:
+        from hai_llm.train.trainer import Trainer
+
+        validate_layout(cfg, 1)
+        trainer = Trainer(cfg, out_dir=Path(cfg.train.out_dir))
+        summary = _summary(trainer, trainer.fit())
+    elif "WORLD_SIZE" in os.environ and not os.environ.get("HAI_LLM_SIMULATED"):
+        import torch
+        import torch.distributed as dist
+
+        validate_layout(cfg, world)
+        backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        try:
+            summary = _train_rank(dist.get_rank(), world, cfg)
+        finally:
+            dist.destroy_process_group()
+        if int(os.environ.get("RANK", 0)) != 0:
+            return summary
+    else:
+        from hai_llm.parallel.spawn import run_ranks
+
+        validate_layout(cfg, world)
+        summary = run_ranks(_train_rank, world, cfg, timeout=24 * 3600)[0]
+    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+          f"{summary['tokens_per_s']:.0f} tokens/s, outputs in {summary['out_dir']}")
     return summary

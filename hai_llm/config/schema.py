@@ -72,6 +72,7 @@ class ParallelConfig:
     gpus_per_node: int = 8
     schedule: str = "1f1b"  # 1f1b | dualpipe | dualpipev
     n_micro: int = 0  # pipeline micro-batches per step (0 = global_batch / dp / micro_batch)
+    transport: str = "flat"  # expert all-to-all: flat | hierarchical (node-aware, DeepEP-style)
 
 
 @dataclass

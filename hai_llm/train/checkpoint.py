@@ -2,7 +2,7 @@
 
 DCP stores every tensor by its fully-qualified name with its global shape, so a run saved
 under one parallel layout can be loaded under another (parameters and optimizer state
-alike). Atomicity: every rank writes into ``step_XXXXXXXX.tmp``; once all have finished,
+alike; the ZeRO-1 optimizer describes its shards in global coordinates). Atomicity: every rank writes into ``step_XXXXXXXX.tmp``; once all have finished,
 rank 0 renames the folder to ``step_XXXXXXXX`` and then replaces the ``latest`` pointer
 file (write temp + os.replace). A crash at any moment leaves either the previous or the
 new checkpoint, never a half-written one that resume would pick up.
@@ -17,9 +17,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 
 LATEST = "latest"
 
@@ -49,12 +46,11 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return target
 
 
-def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    extra_tensors: dict | None = None, trainer_state: dict | None = None, keep: int = 2,
-                    model_state: dict | None = None, optim_state: dict | None = None) -> Path:
-    """Save model + optimizer + extras as checkpoint ``step``. ``model_state`` /
-    ``optim_state`` let parallel wrappers pass state dicts they built themselves (e.g.
-    sharded optimizer state as DTensors)."""
+def save_checkpoint(root: str | Path, step: int, weights: dict, buffers: dict | None = None,
+                    trainer_state: dict | None = None, keep: int = 2) -> Path:
+    """Save checkpoint ``step``: ``weights`` (the ZeRO-1 layout-independent weights and
+    optimizer state, see hai_llm.parallel.zero_ckpt), replicated ``buffers`` and the
+    picklable ``trainer_state`` (step, data position, counters)."""
     root = Path(root)
     final, tmp = step_dir(root, step), Path(str(step_dir(root, step)) + ".tmp")
     if _rank() == 0:
@@ -62,13 +58,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
         if tmp.exists():
             shutil.rmtree(tmp)
     _barrier()
-    opts = StateDictOptions(full_state_dict=False)
-    state = {
-        "model": model_state if model_state is not None else get_model_state_dict(model, options=opts),
-        "optim": optim_state if optim_state is not None else get_optimizer_state_dict(model, optimizer, options=opts),
-        "extra": extra_tensors or {},
-        "trainer": trainer_state or {},
-    }
+    state = {"weights": weights, "buffers": buffers or {}, "trainer": trainer_state or {}}
     dcp.save(state, checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
@@ -91,22 +81,24 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    extra_tensors: dict | None = None, trainer_state: dict | None = None,
-                    model_state: dict | None = None, optim_state: dict | None = None) -> dict:
-    """Load in place. ``extra_tensors`` / ``trainer_state`` are templates (same keys) that
-    are filled and returned as ``{"extra": ..., "trainer": ...}``."""
-    opts = StateDictOptions(full_state_dict=False)
-    msd = model_state if model_state is not None else get_model_state_dict(model, options=opts)
-    state = {"model": msd, "extra": extra_tensors or {}, "trainer": trainer_state or {}}
-    if optimizer is not None:
-        state["optim"] = optim_state if optim_state is not None else get_optimizer_state_dict(model, optimizer, options=opts)
+def load_checkpoint(path: str | Path, weights: dict, buffers: dict | None = None,
+                    trainer_state: dict | None = None) -> dict:
+    """Load in place into the tensors of ``weights`` / ``buffers`` (views of the live
+    shards and buffers); ``trainer_state`` is a template with the same keys, returned
+    filled."""
+    state = {"weights": weights, "buffers": buffers or {}, "trainer": trainer_state or {}}
     dcp.load(state, checkpoint_id=str(path))
-    if model_state is None:
-        set_model_state_dict(model, state["model"], options=opts)
-    if optimizer is not None and optim_state is None:
-        set_optimizer_state_dict(model, optimizer, state["optim"], options=opts)
-    return {"extra": state["extra"], "trainer": state["trainer"], "optim": state.get("optim")}
+    return state["trainer"]
+
+
+def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load the fp32 master weights and buffers of a training checkpoint into a full,
+    unsharded model (evaluation, export to Hugging Face format), in one process."""
+    weights = {f"master.{n}": p.detach().view(-1) for n, p in model.named_parameters()}
+    keep = set(model.state_dict().keys())
+    buffers = {n: b for n, b in model.named_buffers() if n in keep}
+    with torch.no_grad():
+        dcp.load({"weights": weights, "buffers": buffers}, checkpoint_id=str(path))
 
 
 def save_resolved_config(out_dir: str | Path, cfg_yaml: str) -> None:

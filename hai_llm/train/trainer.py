@@ -23,7 +23,9 @@ from hai_llm.model.transformer import Transformer, build_model
 from hai_llm.train import checkpoint as ckpt
 from hai_llm.train.ema import CPUEma
 from hai_llm.train.metrics import MetricsLogger
-from hai_llm.train.optim import build_optimizer, lr_at, set_lr
+from hai_llm.parallel.zero import ZeroOptimizer
+from hai_llm.parallel.zero_ckpt import after_load, dcp_state
+from hai_llm.train.optim import lr_at, set_lr
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,43 +61,40 @@ class Runtime:
     def prepare_model(self, model: Transformer) -> Transformer:
         return model
 
+    def positions(self, seq_len: int, device) -> torch.Tensor | None:
+        """Positions of the window this rank computes (None: all of them)."""
+        return None
+
     def forward_backward(self, model: Transformer, batch: torch.Tensor, n_micro: int, autocast) -> dict:
         """Run all micro-batches of this rank's batch; return summed (already 1/n_micro
         weighted) loss terms and expert counts."""
         totals = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
         counts = None
+        pos = self.positions(batch.shape[1] - 1 - model.args.n_mtp_layers, batch.device)
         for mb in batch.chunk(n_micro):
             with autocast():
-                out = model.loss(mb)
+                out = model.loss(mb, pos)
             (out.loss / n_micro).backward()
             for k in totals:
-                totals[k] += float(getattr(out, k)) / n_micro
+                totals[k] += float(getattr(out, k).detach()) / n_micro
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
         totals["counts"] = counts
         return totals
 
     def reduce_metrics(self, totals: dict) -> dict:
+        """Average loss terms and sum expert counts over the ranks sharing a step."""
         return totals
 
-    def clip_grad_norm(self, model: Transformer, max_norm: float) -> float:
-        params = [p for p in model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    # ZeRO-1 plumbing: where each parameter's gradient is reduced (None: nowhere)
+    spec_of = None
+    world_group = None
 
-    def build_optimizer(self, model: Transformer, cfg: Config):
-        return build_optimizer(model, cfg.optim)
-
-    def optimizer_step(self, optimizer) -> None:
-        optimizer.step()
-
-    def checkpoint_states(self, model, optimizer) -> tuple[dict | None, dict | None]:
-        """(model_state, optim_state) for DCP, or None to use torch's defaults."""
-        return None, None
-
-    def after_load(self, model, optimizer) -> None:
-        pass
+    def build_optimizer(self, model: Transformer, cfg: Config) -> ZeroOptimizer:
+        o = cfg.optim
+        return ZeroOptimizer(model, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                             moments_dtype=torch.bfloat16 if o.moments_dtype == "bfloat16" else torch.float32,
+                             spec_of=self.spec_of, world_group=self.world_group)
 
 
 class Trainer:
@@ -122,6 +121,7 @@ class Trainer:
         self.optimizer = self.rt.build_optimizer(self.model, cfg)
         self.ema = CPUEma(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.step = 0
+        self.tokens_per_s = 0.0
         self.bad_in_a_row = 0
         self.skipped_total = 0
         if t.resume:
@@ -152,30 +152,29 @@ class Trainer:
         return {"step": self.step, "bad_in_a_row": self.bad_in_a_row, "skipped_total": self.skipped_total,
                 "sampler": self.sampler.state_dict()}
 
+    def _buffers(self) -> dict:
+        """Persistent buffers (the routing biases): replicated over data/expert ranks."""
+        keep = set(self.model.state_dict().keys())
+        return {n: b for n, b in self.model.named_buffers() if n in keep}
+
     def save(self) -> Path:
         if self.ema is not None:
             self.ema.wait()
-        mstate, ostate = self.rt.checkpoint_states(self.model, self.optimizer)
-        return ckpt.save_checkpoint(self.out_dir / "checkpoints", self.step, self.model, self.optimizer,
-                                    extra_tensors=self.ema.state_dict() if self.ema else {},
-                                    trainer_state=self._trainer_state(), keep=self.cfg.train.keep_ckpts,
-                                    model_state=mstate, optim_state=ostate)
+        trainer_state = {**self._trainer_state(), "optim_step": float(self.optimizer.sharded_state()["step"])}
+        return ckpt.save_checkpoint(self.out_dir / "checkpoints", self.step,
+                                    weights=dcp_state(self.optimizer, self.ema), buffers=self._buffers(),
+                                    trainer_state=trainer_state, keep=self.cfg.train.keep_ckpts)
 
     def _maybe_resume(self) -> None:
         path = ckpt.latest_checkpoint(self.out_dir / "checkpoints")
         if path is None:
             return
-        # optimizer state must exist before DCP can load into it
-        mstate, ostate = self.rt.checkpoint_states(self.model, self.optimizer)
-        got = ckpt.load_checkpoint(path, self.model, self.optimizer,
-                                   extra_tensors=self.ema.state_dict() if self.ema else {},
-                                   trainer_state=self._trainer_state(), model_state=mstate, optim_state=ostate)
-        self.rt.after_load(self.model, self.optimizer)
-        st = got["trainer"]
+        template = {**self._trainer_state(), "optim_step": 0.0}
+        st = ckpt.load_checkpoint(path, weights=dcp_state(self.optimizer, self.ema), buffers=self._buffers(),
+                                  trainer_state=template)
+        after_load(self.optimizer, st["optim_step"], self.ema)
         self.step, self.bad_in_a_row, self.skipped_total = st["step"], st["bad_in_a_row"], st["skipped_total"]
         self.sampler.load_state_dict(st["sampler"])
-        if self.ema is not None:
-            self.ema.load_state_dict(got["extra"])
         if self.rt.is_main:
             print(f"resumed from {path} at step {self.step}")
 
@@ -185,11 +184,12 @@ class Trainer:
         batch = self.sampler.next_batch().to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         tot = self.rt.reduce_metrics(self.rt.forward_backward(self.model, batch, self.n_micro, self._autocast))
-        grad_norm = self.rt.clip_grad_norm(self.model, cfg.optim.grad_clip)
+        grad_norm = self.optimizer.reduce_gradients()
         finite = math.isfinite(tot["loss"]) and math.isfinite(grad_norm)
         if finite:
+            self.optimizer.clip(grad_norm, cfg.optim.grad_clip)
             set_lr(self.optimizer, lr_at(self.step, cfg.train.steps, cfg.optim))
-            self.rt.optimizer_step(self.optimizer)
+            self.optimizer.step()
             if cfg.train.bias_update and tot["counts"] is not None:
                 self.model.update_expert_bias(tot["counts"].float())
             if self.ema is not None:
@@ -221,6 +221,7 @@ class Trainer:
                 r = self.train_step()
                 dt = time.perf_counter() - t0
                 results.append(r)
+                self.tokens_per_s = tokens_per_step / dt
                 if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
                     logger.log(self.step, {**self._metrics(r), "lr": self.optimizer.param_groups[0]["lr"],
                                            "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,

@@ -1,0 +1,647 @@
+"""Expert-parallel all-to-all transports: flat (one all_to_all over the EP group) and
+hierarchical (DeepEP-style: across nodes once per target node, then forwarded inside the node).
+
+Both transports implement the same two data movements on a routing ``plan``:
+
+* ``scatter_async(plan, x_TD, slot_aux)`` ("dispatch-shaped"): every (token, chosen expert) pair
+  becomes one row on the rank that holds the expert, in the CANONICAL receive order
+  (local expert, source EP rank, source token); ``slot_aux`` carries per-(token, k) fp32 columns
+  (the routing weights) alongside.  Used by the forward dispatch and by the combine's backward.
+* ``gather_async(plan, rows_RD, row_aux)`` ("combine-shaped"): the inverse movement, SUMMING the
+  rows of a token in the canonical order below; per-row aux columns come back to their
+  (token, k) slot unsummed.  Used by the forward combine and by the dispatch's backward.
+
+Canonical summation order (both transports, forward combine and dispatch backward alike)::
+
+    partial[t, n] = 0 + rows of token t on node n, in ascending expert id   (fp32, rounded to the
+                                                                             payload dtype)
+    out[t]        = 0 + partial[t, n] over the nodes n it visited, ascending (fp32, rounded)
+
+The hierarchical transport computes ``partial`` on the forwarding rank of node n (so a token
+crosses back over the inter-node link once per node); the flat transport receives every row on
+the source rank and computes the same two levels there.  Expert batches are sorted into the same
+canonical order on the receiver, so expert outputs, partial sums and therefore the whole forward
+and backward are bit-identical between the two transports.
+
+Counts (and, for the hierarchical transport, a few int64 metadata columns per row) are exchanged
+synchronously when the plan is built; payloads move with ``async_op=True`` and ``wait()`` on the
+returned :class:`CommHandle` yields the result.  Every payload exchange is recorded in
+:class:`CommStats` (bytes within and across nodes, token copies) and, with a :class:`LinkModel`,
+``wait()`` does not return before the modeled transfer time since the issue has elapsed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from hai_llm.kernels.moe_permute import dequantize_ref, permute, routing_to_send_order, unpermute_combine
+
+FP8_BLOCK = 128  # 1x128 activation tiles, one power-of-2 scale each (REFERENCE.md sec. 3)
+_TOKEN_BITS = 32  # canonical key = ((local_expert * ep + src_rank) << 32) + src_token
+LOCAL, INTRA, INTER = "local", "intra", "inter"
+
+
+# ------------------------------------------------------------------------------ link model
+@dataclass(frozen=True)
+class LinkModel:
+    """Emulated links for simulated ranks.
+
+    ``intra_gbps`` / ``inter_gbps`` are per-GPU bandwidths in GB/s (1e9 bytes/s): NVLink ~160,
+    InfiniBand ~50 on H800 (REFERENCE.md sec. 1).  One exchange stage costs
+    ``latency + max(intra_bytes / intra_bw, inter_bytes / inter_bw)`` (both links run
+    concurrently), where the bytes of a class are max(sent, received) by this rank; a dispatch or
+    combine costs the sum of its stages (flat: 1, hierarchical: 2, not chunk-pipelined).
+    ``wait()`` returns no earlier than ``time_scale * cost`` seconds after the issue: the real
+    delay is ``delay_s = (bytes / bw + latency) * time_scale`` (time_scale 1 = real time of the
+    modeled hardware; larger values make the tiny CPU payloads visible).
+    """
+
+    intra_gbps: float = 160.0
+    inter_gbps: float = 50.0
+    latency_us: float = 5.0
+    time_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for f in ("intra_gbps", "inter_gbps"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"LinkModel.{f} must be > 0, got {getattr(self, f)}")
+        if self.latency_us < 0 or self.time_scale < 0:
+            raise ValueError("LinkModel.latency_us and time_scale must be >= 0")
+
+    def stage_seconds(self, intra_bytes: float, inter_bytes: float) -> float:
+        """Unscaled modeled time of one exchange stage."""
+        return self.latency_us * 1e-6 + max(intra_bytes / (self.intra_gbps * 1e9),
+                                            inter_bytes / (self.inter_gbps * 1e9))
+
+
+# ------------------------------------------------------------------------------ statistics
+STAT_FIELDS = ("calls", "tokens", "intra_bytes", "inter_bytes", "local_bytes", "intra_copies",
+               "inter_copies", "modeled_s")
+
+
+class CommStats:
+    """Cumulative traffic per operation ("dispatch", "combine", "dispatch_bwd", "combine_bwd",
+    "meta"): bytes SENT by this rank within its node / across nodes / to itself (not moved),
+    token copies (rows of hidden-size payload) sent within / across nodes, source tokens, calls
+    and the modeled link time (seconds, unscaled; 0 without a LinkModel)."""
+
+    def __init__(self) -> None:
+        self.ops: dict[str, dict[str, float]] = {}
+
+    def reset(self) -> None:
+        self.ops = {}
+
+    def add(self, op: str, **values: float) -> None:
+        row = self.ops.setdefault(op, dict.fromkeys(STAT_FIELDS, 0))
+        for k, v in values.items():
+            row[k] += v
+
+    def __getitem__(self, op: str) -> dict[str, float]:
+        return dict(self.ops.get(op, dict.fromkeys(STAT_FIELDS, 0)))
+
+    def total(self, field: str, ops: Sequence[str] | None = None) -> float:
+        return sum(row[field] for op, row in self.ops.items() if ops is None or op in ops)
+
+    def per_token(self, op: str) -> dict[str, float]:
+        row = self[op]
+        n = max(row["tokens"], 1)
+        return {k: row[k] / n for k in ("intra_bytes", "inter_bytes", "intra_copies", "inter_copies")}
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {op: dict(row) for op, row in self.ops.items()}
+
+
+# ------------------------------------------------------------------------------ helpers
+@dataclass
+class _Group:
+    """A communicator of the transport: ``members`` are EP ranks in group order, ``kinds``
+    says how each member is reached from this rank.  ``pg is None`` for a one-member group
+    (the exchange is a local copy)."""
+
+    pg: Any
+    members: list[int]
+    index: int
+    kinds: list[str]
+
+
+def _pack(parts: Sequence[torch.Tensor]):
+    """Concatenate 2-D tensors of equal row count, byte-wise, into one uint8 [R, bytes]."""
+    views = [p.contiguous().view(torch.uint8) for p in parts]
+    spec = [(p.dtype, p.shape[1]) for p in parts]
+    return (torch.cat(views, 1) if len(views) > 1 else views[0]), spec
+
+
+def _unpack(buf: torch.Tensor, spec) -> list[torch.Tensor]:
+    out, c = [], 0
+    for dtype, n in spec:
+        nb = n * dtype.itemsize
+        out.append(buf[:, c:c + nb].contiguous().view(dtype))
+        c += nb
+    return out
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts, 0) - counts
+
+
+class _Stage:
+    """Exchanges issued together; their bytes price one link-model stage."""
+
+    def __init__(self, transport: "Transport", op: str):
+        self.transport, self.op = transport, op
+        self.works: list[Any] = []
+        self.sent = {LOCAL: 0, INTRA: 0, INTER: 0}
+        self.recv = {LOCAL: 0, INTRA: 0, INTER: 0}
+        self.copies = {LOCAL: 0, INTRA: 0, INTER: 0}
+
+    def a2a(self, group: _Group, send: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+            copies: bool = False) -> torch.Tensor:
+        recv = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
+        row_bytes = math.prod(send.shape[1:]) * send.element_size()
+        for j, kind in enumerate(group.kinds):
+            self.sent[kind] += send_splits[j] * row_bytes
+            self.recv[kind] += recv_splits[j] * row_bytes
+            if copies:
+                self.copies[kind] += send_splits[j]
+        if group.pg is None:
+            recv.copy_(send)
+        else:
+            self.works.append(dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits,
+                                                     group=group.pg, async_op=True))
+        return recv
+
+    def close(self) -> float:
+        """Record the stage's traffic; return its modeled (unscaled) time."""
+        link = self.transport.link
+        modeled = 0.0
+        if link is not None:
+            modeled = link.stage_seconds(max(self.sent[INTRA], self.recv[INTRA]),
+                                         max(self.sent[INTER], self.recv[INTER]))
+        self.transport.stats.add(self.op, intra_bytes=self.sent[INTRA], inter_bytes=self.sent[INTER],
+                                 local_bytes=self.sent[LOCAL], intra_copies=self.copies[INTRA],
+                                 inter_copies=self.copies[INTER], modeled_s=modeled)
+        return modeled
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+        self.works = []
+
+
+class CommHandle:
+    """An in-flight dispatch/combine.  ``wait()`` returns its result (idempotent).
+
+    The first stage is issued on construction; later stages (hierarchical: the intra-node
+    forward) are issued inside ``wait()`` once their input has arrived.  With a LinkModel,
+    ``wait()`` sleeps until ``issued_at + delay_s`` where ``delay_s = time_scale * modeled_s``,
+    so compute done between the issue and the wait hides the emulated transfer.
+    """
+
+    def __init__(self, transport: "Transport", gen: Generator):
+        self.transport = transport
+        self.issued_at = time.perf_counter()
+        self.modeled_s = 0.0
+        self._gen = gen
+        self._done = False
+        self._result = None
+        self._stage = self._advance(None)
+
+    def _advance(self, _):
+        try:
+            stage = next(self._gen)
+        except StopIteration as stop:
+            self._result, self._done = stop.value, True
+            return None
+        self.modeled_s += stage.close()
+        return stage
+
+    @property
+    def delay_s(self) -> float:
+        link = self.transport.link
+        return 0.0 if link is None else link.time_scale * self.modeled_s
+
+    def wait(self):
+        while not self._done:
+            self._stage.wait()
+            self._stage = self._advance(None)
+        self._gen = None
+        remaining = self.issued_at + self.delay_s - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+        return self._result
+
+
+# ------------------------------------------------------------------------------ plans
+@dataclass
+class _Plan:
+    n_tokens: int
+    topk: int
+    n_experts: int
+    experts_per_rank: int
+    recv_perm: torch.Tensor  # canonical[i] = received[recv_perm[i]]
+    recv_inv: torch.Tensor
+    local_counts: torch.Tensor  # [experts_per_rank] rows per local expert (canonical order)
+    copy_token: torch.Tensor  # [C] token of each (node, token) copy, ordered (node, token)
+    copy_node: torch.Tensor  # [C]
+    my_node: int
+
+    @property
+    def n_recv(self) -> int:
+        return int(self.recv_perm.numel())
+
+    def remote_nodes_per_token(self) -> torch.Tensor:
+        """[T] number of OTHER nodes each token has experts on."""
+        remote = self.copy_node != self.my_node
+        return torch.bincount(self.copy_token[remote], minlength=self.n_tokens)
+
+    def nodes_per_token(self) -> torch.Tensor:
+        return torch.bincount(self.copy_token, minlength=self.n_tokens)
+
+
+@dataclass
+class FlatPlan(_Plan):
+    send_token: torch.Tensor  # [R] token of each send row (rows by expert, then token)
+    send_slot: torch.Tensor  # [R] flat routing slot t*K+k of each send row
+    send_splits: list[int]
+    recv_splits: list[int]
+    row_copy: torch.Tensor  # [R] copy index of each send row
+    row_node: torch.Tensor  # [R] node of each send row's expert
+
+    def inter_copies_per_token(self) -> torch.Tensor:
+        remote = self.row_node != self.my_node
+        return torch.bincount(self.send_token[remote], minlength=self.n_tokens)
+
+
+@dataclass
+class HierPlan(_Plan):
+    # stage 1 (inter-node group: same local index on every node; member index = node)
+    copy_splits: list[int]
+    copy_recv_splits: list[int]
+    row_slot: torch.Tensor  # [R1] slot of each stage-1 row, ordered (node, token, expert)
+    row_splits: list[int]
+    row_recv_splits: list[int]
+    # forwarding rank: stage 2 (intra-node group; member index = local index)
+    n_fwd_copies: int
+    s2_order: torch.Tensor  # stage-2 send row i is received stage-1 row s2_order[i]
+    s2_copy: torch.Tensor  # received copy of each stage-2 send row
+    s2_splits: list[int]
+    s2_recv_splits: list[int]
+
+    def inter_copies_per_token(self) -> torch.Tensor:
+        return self.remote_nodes_per_token()
+
+
+# ------------------------------------------------------------------------------ transports
+class Transport:
+    """Common part: EP layout, node map, stats, link model, token gather/combine primitives.
+
+    ``ep_ranks``: global ranks of this rank's EP group in EP order.  EP rank ``p`` hosts experts
+    ``[p * E/ep, (p+1) * E/ep)``; its node is ``global_rank // gpus_per_node`` (virtual nodes for
+    simulated ranks), renumbered 0.. in EP order.
+    """
+
+    kind = "base"
+
+    def __init__(self, ep_group, ep_ranks: Sequence[int], gpus_per_node: int,
+                 link: LinkModel | None = None, use_triton: bool = False):
+        if not dist.is_initialized():
+            raise RuntimeError("expert-parallel transports need torch.distributed initialised")
+        if gpus_per_node < 1:
+            raise ValueError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
+        self.ep_group = ep_group
+        self.ep_ranks = list(ep_ranks)
+        self.ep_size = len(self.ep_ranks)
+        self.global_rank = dist.get_rank()
+        if self.global_rank not in self.ep_ranks:
+            raise ValueError(f"rank {self.global_rank} is not in its EP group {self.ep_ranks}")
+        self.ep_rank = self.ep_ranks.index(self.global_rank)
+        self.gpus_per_node = gpus_per_node
+        raw = [g // gpus_per_node for g in self.ep_ranks]
+        order = list(dict.fromkeys(raw))
+        self.node_of_rank = [order.index(n) for n in raw]
+        self.n_nodes = len(order)
+        self.node = self.node_of_rank[self.ep_rank]
+        self.link = link
+        self.use_triton = use_triton
+        self.stats = CommStats()
+
+    def _kinds(self, members: Sequence[int]) -> list[str]:
+        return [LOCAL if m == self.ep_rank else INTRA if self.node_of_rank[m] == self.node else INTER
+                for m in members]
+
+    # -- synchronous small exchanges (plan building) --------------------------------------
+    def _a2a_sync(self, group: _Group, send: torch.Tensor, send_splits=None, recv_splits=None):
+        if send_splits is None:  # equal splits along dim 0
+            n = send.shape[0] // len(group.members)
+            send_splits = recv_splits = [n] * len(group.members)
+        st = _Stage(self, "meta")
+        recv = st.a2a(group, send.contiguous(), list(send_splits), list(recv_splits))
+        st.wait()
+        self.stats.add("meta", intra_bytes=st.sent[INTRA], inter_bytes=st.sent[INTER],
+                       local_bytes=st.sent[LOCAL])
+        return recv
+
+    # -- local data movement (Triton or torch reference) ----------------------------------
+    def _gather_tokens(self, x_TD: torch.Tensor, index: torch.Tensor, quant_fp8: bool) -> list[torch.Tensor]:
+        """Rows x[index] in send order; with quant_fp8 the FP8 bytes plus per-tile scales."""
+        if quant_fp8:
+            q, scales = permute(x_TD, index, quant_fp8=True, block=FP8_BLOCK, use_triton=self.use_triton)
+            return [q, scales]
+        return [permute(x_TD, index, use_triton=self.use_triton)]
+
+    def _rows(self, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if t.dtype in (torch.float32, torch.bfloat16, torch.float16) and t.dim() == 2 and t.shape[1] > 0:
+            return permute(t, index, use_triton=self.use_triton)
+        return t[index]
+
+    def _sum_rows(self, y: torch.Tensor, dst: torch.Tensor, n_out: int) -> torch.Tensor:
+        """out[i] = 0 + sum of rows r with dst[r] == i in ascending r (fp32, rounded to y's dtype)."""
+        ones = torch.ones(y.shape[0], dtype=torch.float32, device=y.device)
+        return unpermute_combine(y, dst, ones, n_out, use_triton=self.use_triton)
+
+    @staticmethod
+    def _finish_rows(parts: list[torch.Tensor], perm: torch.Tensor, dtype: torch.dtype,
+                     quant_fp8: bool, has_aux: bool):
+        """Received packed parts -> (rows [R, D] in dtype, aux [R, A] | None), canonical order."""
+        parts = [p[perm] for p in parts]
+        if quant_fp8:
+            rows = dequantize_ref(parts[0], parts[1], FP8_BLOCK).to(dtype)
+            rest = parts[2:]
+        else:
+            rows, rest = parts[0], parts[1:]
+        return rows, (rest[0] if has_aux else None)
+
+    # -- public API ----------------------------------------------------------------------
+    def plan(self, idx_TK: torch.Tensor, n_experts: int) -> _Plan:
+        raise NotImplementedError
+
+    def scatter_async(self, plan: _Plan, x_TD: torch.Tensor, slot_aux: torch.Tensor | None = None,
+                      quant_fp8: bool = False, op: str = "dispatch") -> CommHandle:
+        """Dispatch-shaped movement; ``wait()`` -> (rows [R, D] in x's dtype, aux [R, A] | None)."""
+        if slot_aux is not None and slot_aux.shape[0] != plan.n_tokens * plan.topk:
+            raise ValueError(f"slot_aux needs one row per (token, k) slot = {plan.n_tokens * plan.topk}, "
+                             f"got {slot_aux.shape[0]}")
+        self.stats.add(op, calls=1, tokens=plan.n_tokens)
+        return CommHandle(self, self._scatter(plan, x_TD, slot_aux, quant_fp8, op))
+
+    def gather_async(self, plan: _Plan, rows_RD: torch.Tensor, row_aux: torch.Tensor | None = None,
+                     op: str = "combine") -> CommHandle:
+        """Combine-shaped movement; ``wait()`` -> (out [T, D], slot aux [T*K, A] | None)."""
+        if rows_RD.shape[0] != plan.n_recv:
+            raise ValueError(f"gather needs the {plan.n_recv} rows this rank received, got {rows_RD.shape[0]}")
+        self.stats.add(op, calls=1, tokens=plan.n_tokens)
+        return CommHandle(self, self._gather(plan, rows_RD, row_aux, op))
+
+    def _scatter(self, plan, x, slot_aux, quant_fp8, op):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _gather(self, plan, rows, row_aux, op):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class FlatTransport(Transport):
+    """One all_to_all_single over the EP group: a token goes once per chosen expert."""
+
+    kind = "flat"
+
+    def __init__(self, ep_group, ep_ranks, gpus_per_node, link=None, use_triton=False):
+        super().__init__(ep_group, ep_ranks, gpus_per_node, link, use_triton)
+        members = list(range(self.ep_size))
+        pg = None if self.ep_size == 1 else (ep_group if ep_group is not None else dist.group.WORLD)
+        self.group = _Group(pg, members, self.ep_rank, self._kinds(members))
+
+    def plan(self, idx_TK: torch.Tensor, n_experts: int) -> FlatPlan:
+        P = self.ep_size
+        if n_experts % P:
+            raise ValueError(f"n_experts={n_experts} is not divisible by the EP size {P}")
+        El = n_experts // P
+        T, K = idx_TK.shape
+        dev = idx_TK.device
+        so = routing_to_send_order(idx_TK, n_experts, El)
+        recv_counts = self._a2a_sync(self.group, so.expert_counts.view(P, El)).view(P, El)
+        send_splits = so.rank_counts.tolist()
+        recv_splits = recv_counts.sum(1).tolist()
+        # received rows come ordered (source, local expert, token): sort to (expert, source, token)
+        le = torch.arange(El, device=dev).repeat(P).repeat_interleave(recv_counts.flatten())
+        src = torch.arange(P, device=dev).repeat_interleave(recv_counts.sum(1))
+        recv_perm = torch.argsort(le * P + src, stable=True)
+        node_of_rank = torch.tensor(self.node_of_rank, device=dev)
+        row_node = node_of_rank[idx_TK.reshape(-1).long()[so.order] // El]
+        keys, row_copy = torch.unique(row_node * T + so.src_index, sorted=True, return_inverse=True)
+        return FlatPlan(n_tokens=T, topk=K, n_experts=n_experts, experts_per_rank=El,
+                        recv_perm=recv_perm, recv_inv=_inverse(recv_perm),
+                        local_counts=recv_counts.sum(0), copy_token=keys % T if T else keys,
+                        copy_node=keys // T if T else keys, my_node=self.node,
+                        send_token=so.src_index, send_slot=so.order, send_splits=send_splits,
+                        recv_splits=recv_splits, row_copy=row_copy.view(-1), row_node=row_node)
+
+    def _scatter(self, plan: FlatPlan, x, slot_aux, quant_fp8, op):
+        parts = self._gather_tokens(x, plan.send_token, quant_fp8)
+        if slot_aux is not None:
+            parts.append(slot_aux[plan.send_slot])
+        packed, spec = _pack(parts)
+        st = _Stage(self, op)
+        recv = st.a2a(self.group, packed, plan.send_splits, plan.recv_splits, copies=True)
+        yield st
+        return self._finish_rows(_unpack(recv, spec), plan.recv_perm, x.dtype, quant_fp8,
+                                 slot_aux is not None)
+
+    def _gather(self, plan: FlatPlan, rows, row_aux, op):
+        parts = [self._rows(rows, plan.recv_inv)]
+        if row_aux is not None:
+            parts.append(row_aux[plan.recv_inv])
+        packed, spec = _pack(parts)
+        st = _Stage(self, op)
+        back = st.a2a(self.group, packed, plan.recv_splits, plan.send_splits, copies=True)
+        yield st
+        parts = _unpack(back, spec)
+        partial = self._sum_rows(parts[0], plan.row_copy, int(plan.copy_token.numel()))
+        out = self._sum_rows(partial, plan.copy_token, plan.n_tokens)
+        aux = None
+        if row_aux is not None:
+            aux = parts[1].new_zeros(plan.n_tokens * plan.topk, parts[1].shape[1])
+            aux[plan.send_slot] = parts[1]
+        return out, aux
+
+
+class HierarchicalTransport(Transport):
+    """DeepEP-style two-stage transport.
+
+    Dispatch: a token goes ONCE to each node holding one of its experts, to the rank with the
+    same local index as its source (inter-node group), together with the routing rows of that
+    node's experts; the forwarding rank then sends one row per expert to the rank hosting it
+    (intra-node group).  Combine mirrors it: expert rows return inside the node, the forwarding
+    rank sums them (ascending expert) into one partial per (token, node), and only that partial
+    crosses nodes back.  A token's own node is reached through a self-copy (no traffic).
+
+    Groups are created with ``dist.new_group`` on EVERY rank of the world, for every EP group in
+    ``all_ep_ranks`` in the same order, so the constructor must be called collectively.
+    """
+
+    kind = "hierarchical"
+
+    def __init__(self, ep_group, ep_ranks, gpus_per_node, all_ep_ranks: Sequence[Sequence[int]],
+                 link=None, use_triton=False):
+        super().__init__(ep_group, ep_ranks, gpus_per_node, link, use_triton)
+        N = self.n_nodes
+        if self.ep_size % N:
+            raise ValueError(f"EP group {self.ep_ranks} spans {N} nodes unevenly (gpus_per_node="
+                             f"{gpus_per_node}): the hierarchical transport needs equal ranks per node")
+        L = self.ep_size // N
+        self.ranks_per_node = L
+        self.local = self.ep_rank % L
+        all_ep_ranks = [list(g) for g in all_ep_ranks]
+        if self.ep_ranks not in all_ep_ranks:
+            raise ValueError(f"all_ep_ranks {all_ep_ranks} does not contain this rank's EP group {self.ep_ranks}")
+        for g in all_ep_ranks:
+            nodes = [r // gpus_per_node for r in g]
+            ok = len(g) == self.ep_size and all(nodes[i] == nodes[(i // L) * L] for i in range(len(g))) \
+                and len(set(nodes)) == N
+            if not ok:
+                raise ValueError(f"EP group {g} is not {N} node-contiguous blocks of {L} ranks "
+                                 f"(gpus_per_node={gpus_per_node})")
+        inter_pg = intra_pg = None
+        for g in all_ep_ranks:  # identical order on every rank
+            for l in range(L):
+                ranks = [g[n * L + l] for n in range(N)]
+                pg = dist.new_group(ranks) if N > 1 else None
+                if g == self.ep_ranks and l == self.local:
+                    inter_pg = pg
+            for n in range(N):
+                ranks = g[n * L:(n + 1) * L]
+                pg = dist.new_group(ranks) if L > 1 else None
+                if g == self.ep_ranks and n == self.node:
+                    intra_pg = pg
+        inter_members = [n * L + self.local for n in range(N)]
+        intra_members = [self.node * L + l for l in range(L)]
+        self.inter = _Group(inter_pg, inter_members, self.node, self._kinds(inter_members))
+        self.intra = _Group(intra_pg, intra_members, self.local, self._kinds(intra_members))
+
+    def plan(self, idx_TK: torch.Tensor, n_experts: int) -> HierPlan:
+        P, N, L = self.ep_size, self.n_nodes, self.ranks_per_node
+        if n_experts % P:
+            raise ValueError(f"n_experts={n_experts} is not divisible by the EP size {P}")
+        El = n_experts // P
+        T, K = idx_TK.shape
+        dev = idx_TK.device
+        if idx_TK.numel() and (int(idx_TK.min()) < 0 or int(idx_TK.max()) >= n_experts):
+            raise ValueError(f"expert ids must lie in [0, {n_experts})")
+        expert = idx_TK.reshape(-1).long()
+        token = torch.arange(T * K, device=dev) // K
+        node = torch.tensor(self.node_of_rank, device=dev)[expert // El]
+        # stage-1 rows ordered (target node, token, expert)
+        row_slot = torch.argsort((node * T + token) * n_experts + expert)
+        r_node, r_tok, r_exp = node[row_slot], token[row_slot], expert[row_slot]
+        keys, row_copy = torch.unique(r_node * T + r_tok, sorted=True, return_inverse=True)
+        row_copy = row_copy.view(-1)
+        copy_node, copy_token = (keys // T, keys % T) if T else (keys, keys)
+        copy_counts = torch.bincount(copy_node, minlength=N)
+        row_counts = torch.bincount(r_node, minlength=N)
+        rc = self._a2a_sync(self.inter, torch.stack([copy_counts, row_counts], 1)).view(N, 2)
+        copy_splits, row_splits = copy_counts.tolist(), row_counts.tolist()
+        copy_recv_splits, row_recv_splits = rc[:, 0].tolist(), rc[:, 1].tolist()
+        meta1 = torch.stack([r_exp, row_copy - _offsets(copy_counts)[r_node], r_tok], 1)
+        rmeta1 = self._a2a_sync(self.inter, meta1, row_splits, row_recv_splits)
+        # forwarding rank: route each received row to the rank hosting its expert
+        src_node = torch.arange(N, device=dev).repeat_interleave(rc[:, 1])
+        fw_copy = _offsets(rc[:, 0])[src_node] + rmeta1[:, 1]
+        src_rank = src_node * L + self.local
+        e2, t2 = rmeta1[:, 0], rmeta1[:, 2]
+        s2_order = torch.argsort(((e2 * P + src_rank) << _TOKEN_BITS) + t2)
+        dest = (e2 // El - self.node * L)[s2_order]
+        s2_counts = torch.bincount(dest, minlength=L)
+        s2_recv = self._a2a_sync(self.intra, s2_counts.view(L, 1)).view(L)
+        s2_splits, s2_recv_splits = s2_counts.tolist(), s2_recv.tolist()
+        meta2 = torch.stack([e2 % El, src_rank, t2], 1)[s2_order]
+        rmeta2 = self._a2a_sync(self.intra, meta2, s2_splits, s2_recv_splits)
+        recv_perm = torch.argsort(((rmeta2[:, 0] * P + rmeta2[:, 1]) << _TOKEN_BITS) + rmeta2[:, 2])
+        return HierPlan(n_tokens=T, topk=K, n_experts=n_experts, experts_per_rank=El,
+                        recv_perm=recv_perm, recv_inv=_inverse(recv_perm),
+                        local_counts=torch.bincount(rmeta2[:, 0], minlength=El),
+                        copy_token=copy_token, copy_node=copy_node, my_node=self.node,
+                        copy_splits=copy_splits, copy_recv_splits=copy_recv_splits, row_slot=row_slot,
+                        row_splits=row_splits, row_recv_splits=row_recv_splits,
+                        n_fwd_copies=int(rc[:, 0].sum()), s2_order=s2_order, s2_copy=fw_copy[s2_order],
+                        s2_splits=s2_splits, s2_recv_splits=s2_recv_splits)
+
+    def _scatter(self, plan: HierPlan, x, slot_aux, quant_fp8, op):
+        # stage 1: one copy per (token, target node) over the inter-node group
+        packed, spec = _pack(self._gather_tokens(x, plan.copy_token, quant_fp8))
+        st = _Stage(self, op)
+        copies = st.a2a(self.inter, packed, plan.copy_splits, plan.copy_recv_splits, copies=True)
+        aux1 = None
+        if slot_aux is not None:
+            aux1 = st.a2a(self.inter, slot_aux[plan.row_slot].contiguous(), plan.row_splits,
+                          plan.row_recv_splits)
+        yield st
+        # stage 2: forward the received bytes (FP8 stays FP8) to the ranks hosting the experts
+        fwd = [copies[plan.s2_copy]]
+        if aux1 is not None:
+            fwd.append(aux1[plan.s2_order].view(torch.uint8))
+        st = _Stage(self, op)
+        recv = st.a2a(self.intra, torch.cat(fwd, 1) if len(fwd) > 1 else fwd[0], plan.s2_splits,
+                      plan.s2_recv_splits, copies=True)
+        yield st
+        if slot_aux is not None:
+            spec = spec + [(slot_aux.dtype, slot_aux.shape[1])]
+        return self._finish_rows(_unpack(recv, spec), plan.recv_perm, x.dtype, quant_fp8,
+                                 slot_aux is not None)
+
+    def _gather(self, plan: HierPlan, rows, row_aux, op):
+        # stage 2 reversed: expert rows back to the forwarding rank of their (token, node)
+        parts = [self._rows(rows, plan.recv_inv)]
+        if row_aux is not None:
+            parts.append(row_aux[plan.recv_inv])
+        packed, spec = _pack(parts)
+        st = _Stage(self, op)
+        back = st.a2a(self.intra, packed, plan.s2_recv_splits, plan.s2_splits, copies=True)
+        yield st
+        parts = _unpack(back, spec)
+        # per-(token, node) partial sums, ascending expert, before crossing nodes
+        partial = self._sum_rows(parts[0], plan.s2_copy, plan.n_fwd_copies)
+        st = _Stage(self, op)
+        copies = st.a2a(self.inter, partial, plan.copy_recv_splits, plan.copy_splits, copies=True)
+        aux_back = None
+        if row_aux is not None:
+            aux1 = parts[1].new_empty(parts[1].shape)
+            aux1[plan.s2_order] = parts[1]
+            aux_back = st.a2a(self.inter, aux1, plan.row_recv_splits, plan.row_splits)
+        yield st
+        out = self._sum_rows(copies, plan.copy_token, plan.n_tokens)
+        aux = None
+        if aux_back is not None:
+            aux = aux_back.new_zeros(plan.n_tokens * plan.topk, aux_back.shape[1])
+            aux[plan.row_slot] = aux_back
+        return out, aux
+
+
+TRANSPORTS = ("flat", "hierarchical")
+
+
+def build_transport(kind: str, ep_group, ep_ranks: Sequence[int], gpus_per_node: int,
+                    all_ep_ranks: Sequence[Sequence[int]] | None = None, link: LinkModel | None = None,
+                    use_triton: bool = False) -> Transport:
+    """A transport for this rank's EP group.  Collective for ``hierarchical`` (creates groups for
+    every EP group of ``all_ep_ranks``; default: the world cut into contiguous EP-sized blocks,
+    which is the ``ParallelDims`` layout)."""
+    if kind == "flat":
+        return FlatTransport(ep_group, ep_ranks, gpus_per_node, link, use_triton)
+    if kind == "hierarchical":
+        if all_ep_ranks is None:
+            world, P = dist.get_world_size(), len(ep_ranks)
+            if world % P:
+                raise ValueError("pass all_ep_ranks: the world is not a whole number of EP groups")
+            all_ep_ranks = [list(range(s, s + P)) for s in range(0, world, P)]
+        return HierarchicalTransport(ep_group, ep_ranks, gpus_per_node, all_ep_ranks, link, use_triton)
+    raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")

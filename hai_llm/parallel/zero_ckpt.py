@@ -1,0 +1,124 @@
+"""Layout-independent checkpoint state of the ZeRO-1 optimizer (see zero.py).
+
+Every parameter ``fqn`` is saved as three 1-D tensors over its *global* flattened
+elements (all experts, whatever the expert-parallel degree): ``master.fqn`` (fp32
+weights), ``exp_avg.fqn`` and ``exp_avg_sq.fqn`` (AdamW moments), plus ``ema.fqn`` when
+an EMA is kept. Each rank contributes exactly the range it owns; the global sharding
+metadata is computed from the layout arithmetic, so no collective is needed to describe
+it, and DCP can read any range back under another layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Piece:
+    name: str
+    bucket_lo: int  # range inside this rank's master shard
+    bucket_hi: int
+    global_lo: int  # range inside the parameter's global flattened tensor
+    global_hi: int
+    global_numel: int
+    param_lo: int  # range inside the local parameter, flattened
+    param_hi: int
+
+
+def _elems_per_row(p: torch.Tensor) -> int:
+    return p.numel() // p.shape[0] if p.ndim else 1
+
+
+def _pieces_for(b, j: int, row_offset: int) -> list[Piece]:
+    """Pieces owned by reduce-group member j of bucket b, for the slice at row_offset."""
+    lo_j, hi_j = j * b.shard, (j + 1) * b.shard
+    out = []
+    for name, p, o in zip(b.names, b.params, b.offsets):
+        lo, hi = max(o, lo_j), min(o + p.numel(), hi_j)
+        if lo >= hi:
+            continue
+        epr = _elems_per_row(p)
+        rows = b.spec.global_rows or (p.shape[0] if p.ndim else 1)
+        base = row_offset * epr
+        out.append(Piece(name, lo - lo_j, hi - lo_j, base + lo - o, base + hi - o, rows * epr if p.ndim else 1,
+                         lo - o, hi - o))
+    return out
+
+
+def owned_pieces(b) -> list[Piece]:
+    return _pieces_for(b, b.rank, b.spec.row_offset)
+
+
+def global_layout(b) -> dict[str, list[tuple[int, int, int]]]:
+    """fqn -> [(global_lo, global_hi, owner_global_rank)] over every rank holding it."""
+    peers = b.spec.peer_slices or [(b.spec.ranks, b.spec.row_offset)]
+    out: dict[str, list[tuple[int, int, int]]] = {}
+    for ranks, row_offset in peers:
+        for j, r in enumerate(ranks):
+            for pc in _pieces_for(b, j, row_offset):
+                out.setdefault(pc.name, []).append((pc.global_lo, pc.global_hi, r))
+    return out
+
+
+def _sharded(local: torch.Tensor, piece: Piece, layout: list[tuple[int, int, int]]):
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+    dev = local.device.type
+    me = dist.get_rank()
+    shards_md = [ShardMetadata([lo], [hi - lo], f"rank:{r}/{dev}") for lo, hi, r in layout]
+    md = ShardedTensorMetadata(shards_metadata=shards_md, size=torch.Size([piece.global_numel]),
+                               tensor_properties=TensorProperties(dtype=local.dtype, layout=torch.strided,
+                                                                  requires_grad=False,
+                                                                  memory_format=torch.contiguous_format,
+                                                                  pin_memory=False))
+    shard = Shard(tensor=local, metadata=ShardMetadata([piece.global_lo], [local.numel()], f"rank:{me}/{dev}"))
+    return ShardedTensor._init_from_local_shards_and_global_metadata([shard], md)
+
+
+def dcp_state(zopt, ema=None) -> dict:
+    """The optimizer + weights part of a DCP state dict: views into the live shards, so
+    DCP's in-place load restores them directly."""
+    distributed = dist.is_initialized()
+    state: dict = {}
+    for b in zopt.buckets:
+        tensors = zopt._state_tensors(b)
+        layout = global_layout(b) if distributed else {}
+        for pc in owned_pieces(b):
+            views = {k: t[pc.bucket_lo:pc.bucket_hi] for k, t in tensors.items()}
+            if ema is not None:
+                views["ema"] = ema.shadow[pc.name].view(-1)[pc.param_lo:pc.param_hi]
+            for kind, v in views.items():
+                key = f"{kind}.{pc.name}"
+                if distributed:
+                    state[key] = _sharded(v, pc, layout[pc.name])
+                else:
+                    if v.numel() != pc.global_numel:
+                        raise RuntimeError(f"single-process piece of {pc.name} covers {v.numel()} of "
+                                           f"{pc.global_numel} elements")
+                    state[key] = v
+    return state
+
+
+@torch.no_grad()
+def after_load(zopt, step: float, ema=None) -> None:
+    """Rebuild full parameters (and EMA copies) from the loaded owned ranges."""
+    zopt.set_step(step)
+    zopt.broadcast_params()
+    if ema is None:
+        return
+    for b in zopt.buckets:
+        flat = torch.zeros(b.shard * b.world, dtype=torch.float32)
+        lo_me = b.rank * b.shard
+        mine = torch.zeros(b.shard, dtype=torch.float32)
+        for pc in owned_pieces(b):
+            mine[pc.bucket_lo:pc.bucket_hi] = ema.shadow[pc.name].view(-1)[pc.param_lo:pc.param_hi]
+        if b.spec.group is not None and b.world > 1:
+            dist.all_gather_into_tensor(flat, mine, group=b.spec.group)
+        else:
+            flat[lo_me:lo_me + b.shard] = mine
+        for name, p, o in zip(b.names, b.params, b.offsets):
+            ema.shadow[name].view(-1).copy_(flat[o:o + p.numel()])

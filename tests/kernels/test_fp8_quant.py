@@ -1,0 +1,164 @@
+"""Tests of the fine-grained FP8 quantization kernels (1x128, 128x1, 128x128) against torch.
+
+The Triton kernels run on the GPU when there is one, else on the CPU interpreter (conftest.py).
+Scales must agree with the torch reference to 1e-6 relative, quantized values to within one E4M3
+ulp (the kernels round explicitly to nearest even, so in practice they agree bit for bit; the
+tolerance keeps the tests independent of the backend's division).
+"""
+import os
+
+import pytest
+import torch
+
+from hai_llm.kernels.fp8_quant import (AMAX_FLOOR, FP8_DTYPE, FP8_MAX, act_colwise_dequant_ref,
+                                       act_dequant_ref, act_quant, act_quant_colwise,
+                                       act_quant_colwise_ref, act_quant_ref, default_use_triton,
+                                       weight_dequant_ref, weight_quant, weight_quant_ref)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _randn(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    # a spread of magnitudes per tile, so that scales differ and subnormals appear
+    x = torch.randn(*shape, generator=g) * torch.rand(*shape, generator=g).pow(4) * 10
+    return x.to(dtype).to(DEVICE)
+
+
+def assert_within_one_ulp(q: torch.Tensor, q_ref: torch.Tensor) -> None:
+    """E4M3 values (unscaled) differ by at most one ulp: 2**(e-3) in binade e, 2**-9 below 2**-6."""
+    a, b = q.float(), q_ref.float()
+    assert torch.isfinite(a).all()
+    ulp = torch.maximum(a.abs(), b.abs()) * 2.0**-3 + 2.0**-9
+    assert ((a - b).abs() <= ulp).all(), f"max diff {(a - b).abs().max()}"
+
+
+def assert_scales_close(s: torch.Tensor, s_ref: torch.Tensor) -> None:
+    assert s.dtype == torch.float32 and s.shape == s_ref.shape
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+
+
+def assert_quant_error_bounded(x: torch.Tensor, deq: torch.Tensor, scale_full: torch.Tensor):
+    """Round to nearest: error <= half an ulp, i.e. 2**-4 |x| (normals) or 2**-10 s (subnormals)."""
+    err = (deq - x.float()).abs()
+    bound = x.float().abs() * 2.0**-4 + scale_full * 2.0**-10
+    assert (err <= bound * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 128), (7, 200), (130, 384), (2, 3, 130), (33, 64)])
+@pytest.mark.parametrize("pow2_scale", [False, True])
+def test_act_quant_matches_ref(shape, pow2_scale):
+    x = _randn(*shape, seed=sum(shape))
+    q, s = act_quant(x, pow2_scale=pow2_scale, use_triton=True)
+    q_ref, s_ref = act_quant_ref(x, pow2_scale=pow2_scale)
+    assert q.dtype == FP8_DTYPE and q.shape == x.shape
+    assert s.shape == (*shape[:-1], -(-shape[-1] // 128))
+    assert_scales_close(s, s_ref)
+    assert_within_one_ulp(q, q_ref)
+    deq = act_dequant_ref(q, s)
+    assert_quant_error_bounded(x, deq, s.repeat_interleave(128, -1)[..., : shape[-1]])
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (7, 200), (130, 129), (257, 33)])
+@pytest.mark.parametrize("pow2_scale", [False, True])
+def test_act_quant_colwise_matches_ref(shape, pow2_scale):
+    x = _randn(*shape, seed=shape[0])
+    q, s = act_quant_colwise(x, pow2_scale=pow2_scale, use_triton=True)
+    q_ref, s_ref = act_quant_colwise_ref(x, pow2_scale=pow2_scale)
+    assert s.shape == (-(-shape[0] // 128), shape[1])
+    assert_scales_close(s, s_ref)
+    assert_within_one_ulp(q, q_ref)
+    # the 128x1 recipe is the 1x128 recipe applied to the transpose
+    q_t, s_t = act_quant_ref(x.t().contiguous(), pow2_scale=pow2_scale)
+    assert torch.equal(q_ref.t().view(torch.uint8), q_t.view(torch.uint8))
+    assert torch.equal(s_ref.t(), s_t)
+    deq = act_colwise_dequant_ref(q, s)
+    assert_quant_error_bounded(x, deq, s.repeat_interleave(128, 0)[: shape[0]])
+
+
+@pytest.mark.parametrize("shape,pow2_scale", [((64, 128), False), ((129, 200), False),
+                                               ((256, 384), False), ((130, 300), True)])
+def test_weight_quant_matches_ref(shape, pow2_scale):
+    w = _randn(*shape, seed=shape[1])
+    q, s = weight_quant(w, pow2_scale=pow2_scale, use_triton=True)
+    q_ref, s_ref = weight_quant_ref(w, pow2_scale=pow2_scale)
+    assert s.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+    assert_scales_close(s, s_ref)
+    assert_within_one_ulp(q, q_ref)
+    full = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[: shape[0], : shape[1]]
+    assert_quant_error_bounded(w, weight_dequant_ref(q, s), full)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    x = _randn(9, 300, seed=3, dtype=dtype)
+    q, s = act_quant(x, use_triton=True)
+    q_ref, s_ref = act_quant_ref(x)
+    assert_scales_close(s, s_ref)
+    assert_within_one_ulp(q, q_ref)
+
+
+def test_e4m3_rounding_is_round_to_nearest_even():
+    # A leading 448 pins the scale of every row to exactly 1, so the kernel's fp8 codes are the
+    # rounding of the inputs themselves: ties, values just below a power of two (127.99 must
+    # become 128), subnormals (below 2**-6), negative values and -0.0 must match torch's cast.
+    vals = torch.cat([torch.linspace(-448, 448, 8001), torch.linspace(-0.03, 0.03, 4001),
+                      torch.tensor([127.99, -127.99, 336.0, 352.0, 15.5 * 2**-9, 2**-10,
+                                    -(2**-10), 3 * 2**-10, 0.0, -0.0, 447.0, -447.9])])
+    vals = torch.nn.functional.pad(vals, (0, -vals.numel() % 127)).view(-1, 127)
+    x = torch.cat([torch.full((vals.shape[0], 1), FP8_MAX), vals], dim=1).to(DEVICE)
+    q, s = act_quant(x, use_triton=True)
+    assert torch.all(s == 1.0)
+    assert torch.equal(q.view(torch.uint8), x.to(FP8_DTYPE).view(torch.uint8))
+
+
+def test_pow2_scales_are_powers_of_two_covering_the_amax():
+    x = _randn(40, 384, seed=7)
+    _, s = act_quant(x, pow2_scale=True, use_triton=True)
+    amax = x.view(40, 3, 128).abs().amax(-1).clamp_min(AMAX_FLOOR)
+    mantissa, _ = torch.frexp(s)
+    assert torch.all(mantissa == 0.5)  # exact powers of two
+    assert torch.all(s >= amax / FP8_MAX) and torch.all(s < 2 * amax / FP8_MAX)
+
+
+def test_all_zero_tiles_use_the_amax_floor():
+    x = torch.zeros(3, 256, device=DEVICE)
+    x[1, 128:] = 1.0
+    q, s = act_quant(x, use_triton=True)
+    floor = torch.tensor(AMAX_FLOOR, dtype=torch.float32) / FP8_MAX
+    assert s[0, 0].item() == floor.item() and s[1, 1].item() == pytest.approx(1 / FP8_MAX)
+    assert torch.all(q[0].float() == 0)
+
+
+def test_empty_inputs():
+    q, s = act_quant(torch.zeros(0, 200, device=DEVICE), use_triton=True)
+    assert q.shape == (0, 200) and s.shape == (0, 2)
+    q, s = act_quant_colwise(torch.zeros(0, 5, device=DEVICE), use_triton=True)
+    assert q.shape == (0, 5) and s.shape == (0, 5)
+
+
+def test_default_use_triton():
+    assert default_use_triton(torch.zeros(1)) is False
+
+
+def test_bad_inputs_raise():
+    x = torch.zeros(4, 128, device=DEVICE)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        act_quant(x.to(torch.int32), use_triton=True)
+    with pytest.raises(ValueError, match="contiguous"):
+        act_quant(torch.zeros(128, 4, device=DEVICE).t(), use_triton=True)
+    with pytest.raises(ValueError, match="power of two"):
+        act_quant(x, block=100, use_triton=True)
+    with pytest.raises(ValueError, match="2-D"):
+        act_quant_colwise(torch.zeros(2, 2, 128, device=DEVICE), use_triton=True)
+    with pytest.raises(ValueError, match="2-D"):
+        weight_quant(torch.zeros(128, device=DEVICE), use_triton=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")
+def test_use_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert os.environ.get("TRITON_INTERPRET") is None
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        act_quant(torch.zeros(2, 128), use_triton=True)
+    act_quant(torch.zeros(2, 128), use_triton=False)  # the reference needs nothing
