@@ -36,12 +36,14 @@ def dims_from_config(cfg: Config, world_size: int) -> ParallelDims:
 
 
 class DistributedRuntime(Runtime):
+    supports_pipeline = False
+
     def __init__(self, cfg: Config, dims: ParallelDims):
         if not dist.is_initialized():
             raise RuntimeError("DistributedRuntime needs an initialized process group (torchrun or run_ranks)")
-        if dims.pp > 1:
-            raise ValueError("parallel.pp > 1 runs through the pipeline runtime (hai_llm.pipeline); "
-                             "this runtime covers dp x sp x ep")
+        if dims.pp > 1 and not self.supports_pipeline:
+            raise ValueError("parallel.pp > 1 runs through hai_llm.pipeline.runtime.PipelineRuntime; "
+                             "DistributedRuntime covers dp x sp x ep")
         self.cfg = cfg
         self.dims = dims
         self.mesh = dims.build_mesh("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
