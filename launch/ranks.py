@@ -84,6 +84,8 @@ def launch(cfg: Config, cfg_yaml: str) -> dict:
 
         validate_layout(cfg, world)
         summary = run_ranks(_train_rank, world, cfg, timeout=24 * 3600)[0]
+    ckpt.write_json_atomic(Path(cfg.train.out_dir) / "summary.json",
+                           {k: v for k, v in summary.items() if k != "losses"})
     print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
           f"{summary['tokens_per_s']:.0f} tokens/s, outputs in {summary['out_dir']}")
     return summary

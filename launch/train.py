@@ -20,6 +20,12 @@ register_configs()
 
 def run(cfg: DictConfig) -> dict:
     """Train with a composed config; returns a summary (final loss, tokens/s)."""
+    if not cfg.train.out_dir:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise ValueError("train.out_dir is empty and there is no Hydra run folder: set train.out_dir")
+        cfg.train.out_dir = HydraConfig.get().runtime.output_dir
     conf = to_config(cfg)
     from hai_llm.launch.ranks import launch
 

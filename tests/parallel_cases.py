@@ -71,3 +71,12 @@ def stitch(results: list[dict]) -> dict[str, torch.Tensor]:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def fit_rank(rank: int, world: int, cfg) -> list[float]:
+    """Train ``cfg`` with its layout (resuming if out_dir has a checkpoint); losses."""
+    from hai_llm.parallel.runtime import DistributedRuntime, dims_from_config
+    from hai_llm.train.trainer import Trainer
+
+    t = Trainer(cfg, runtime=DistributedRuntime(cfg, dims_from_config(cfg, world)))
+    return [r.loss for r in t.fit()]

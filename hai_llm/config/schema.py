@@ -53,7 +53,9 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp8
-    out_dir: str = "runs/${model.name}"
+    # "" = Hydra's output folder of this run (runs/<model>/<time>, or multirun/<time>/<job>
+    # in a sweep); set it to an existing run folder to resume that run
+    out_dir: str = ""
     ckpt_every: int = 0  # 0 = only at the end
     keep_ckpts: int = 2
     resume: bool = True  # continue from the latest checkpoint in out_dir if there is one

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from hai_llm.parallel.comm import all_gather_single, reduce_scatter_single
 from torch import nn
 
 from hai_llm.model.attention import MLA
@@ -50,7 +52,7 @@ class _GatherSeq(torch.autograd.Function):
         world = dist.get_world_size(group)
         xt = x_BLC.transpose(0, 1).contiguous()  # [L, B, C]: gather along the leading dim
         out = xt.new_empty((world * xt.shape[0],) + tuple(xt.shape[1:]))
-        dist.all_gather_into_tensor(out, xt, group=group)
+        all_gather_single(out, xt, group=group)
         return out.transpose(0, 1)
 
     @staticmethod
@@ -58,7 +60,7 @@ class _GatherSeq(torch.autograd.Function):
         world = dist.get_world_size(ctx.group)
         gt = g_BLC.transpose(0, 1).contiguous()
         out = gt.new_empty((gt.shape[0] // world,) + tuple(gt.shape[1:]))
-        dist.reduce_scatter_tensor(out, gt, op=dist.ReduceOp.SUM, group=ctx.group)
+        reduce_scatter_single(out, gt, op=dist.ReduceOp.SUM, group=ctx.group)
         return out.transpose(0, 1), None
 
 
@@ -77,7 +79,7 @@ class SequenceParallelMLA(MLA):
         lat_all = gather_sequence(self.latent(x_BSD, rope), self.sp_group)
         world = dist.get_world_size(self.sp_group)
         pos_all = rope.pos.new_empty(world * rope.pos.numel())
-        dist.all_gather_into_tensor(pos_all, rope.pos.contiguous(), group=self.sp_group)
+        all_gather_single(pos_all, rope.pos.contiguous(), group=self.sp_group)
         k, v = self.expand_kv(lat_all)
         mask = rope.pos[:, None] >= pos_all[None, :]  # [S_local, L]: True = may attend
         return self.wo(self.core(torch.cat([q_nope, q_pe], dim=-1), k, v, attn_mask=mask))

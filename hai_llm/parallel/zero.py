@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from hai_llm.parallel.comm import all_gather_single, reduce_scatter_single
 from torch import nn
 
 from hai_llm.train.optim import AdamW
@@ -130,7 +132,7 @@ class ZeroOptimizer:
                     flat[o:o + p.numel()] = p.grad.detach().flatten().float()
             if b.spec.group is not None and b.world > 1:
                 g = torch.empty(b.shard, dtype=torch.float32, device=flat.device)
-                dist.reduce_scatter_tensor(g, flat, op=dist.ReduceOp.SUM, group=b.spec.group)
+                reduce_scatter_single(g, flat, op=dist.ReduceOp.SUM, group=b.spec.group)
             else:
                 g = flat
             g.mul_(b.spec.grad_scale)
@@ -156,7 +158,7 @@ class ZeroOptimizer:
         for b in self.buckets:
             if b.spec.group is not None and b.world > 1:
                 full = torch.empty(b.shard * b.world, dtype=torch.float32, device=b.master.device)
-                dist.all_gather_into_tensor(full, b.master.detach(), group=b.spec.group)
+                all_gather_single(full, b.master.detach(), group=b.spec.group)
             else:
                 full = b.master.detach()
             for p, o in zip(b.params, b.offsets):
@@ -170,7 +172,7 @@ class ZeroOptimizer:
         for b in self.buckets:
             if b.spec.group is not None and b.world > 1:
                 full = torch.empty(b.shard * b.world, dtype=torch.float32, device=b.master.device)
-                dist.all_gather_into_tensor(full, b.master.grad.contiguous(), group=b.spec.group)
+                all_gather_single(full, b.master.grad.contiguous(), group=b.spec.group)
             else:
                 full = b.master.grad
             for n, p, o in zip(b.names, b.params, b.offsets):

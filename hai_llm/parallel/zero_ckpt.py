@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hai_llm.parallel.comm import all_gather_single
+
 
 @dataclass
 class Piece:
@@ -117,7 +119,7 @@ def after_load(zopt, step: float, ema=None) -> None:
         for pc in owned_pieces(b):
             mine[pc.bucket_lo:pc.bucket_hi] = ema.shadow[pc.name].view(-1)[pc.param_lo:pc.param_hi]
         if b.spec.group is not None and b.world > 1:
-            dist.all_gather_into_tensor(flat, mine, group=b.spec.group)
+            all_gather_single(flat, mine, group=b.spec.group)
         else:
             flat[lo_me:lo_me + b.shard] = mine
         for name, p, o in zip(b.names, b.params, b.offsets):

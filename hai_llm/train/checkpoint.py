@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +20,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 LATEST = "latest"
+
+
+def _quiet(fn, *args, **kwargs):
+    # DCP warns on every call without a process group that it assumes a single process:
+    # that is exactly the intent of a one-rank run
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return fn(*args, **kwargs)
 
 
 def _rank() -> int:
@@ -59,7 +68,7 @@ def save_checkpoint(root: str | Path, step: int, weights: dict, buffers: dict | 
             shutil.rmtree(tmp)
     _barrier()
     state = {"weights": weights, "buffers": buffers or {}, "trainer": trainer_state or {}}
-    dcp.save(state, checkpoint_id=str(tmp))
+    _quiet(dcp.save, state, checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
         if final.exists():
@@ -87,7 +96,7 @@ def load_checkpoint(path: str | Path, weights: dict, buffers: dict | None = None
     shards and buffers); ``trainer_state`` is a template with the same keys, returned
     filled."""
     state = {"weights": weights, "buffers": buffers or {}, "trainer": trainer_state or {}}
-    dcp.load(state, checkpoint_id=str(path))
+    _quiet(dcp.load, state, checkpoint_id=str(path))
     return state["trainer"]
 
 
@@ -98,7 +107,7 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     keep = set(model.state_dict().keys())
     buffers = {n: b for n, b in model.named_buffers() if n in keep}
     with torch.no_grad():
-        dcp.load({"weights": weights, "buffers": buffers}, checkpoint_id=str(path))
+        _quiet(dcp.load, {"weights": weights, "buffers": buffers}, checkpoint_id=str(path))
 
 
 def save_resolved_config(out_dir: str | Path, cfg_yaml: str) -> None:

@@ -1,0 +1,36 @@
+"""A checkpoint written under one layout resumes under another and continues exactly
+(the ZeRO-1 state is saved in global per-parameter coordinates): dp2 x sp1 -> one
+process, and one process -> dp2 x sp2 with a different sharding of every bucket."""
+from __future__ import annotations
+
+import dataclasses
+
+from hai_llm.parallel.spawn import run_ranks
+from hai_llm.train.trainer import Trainer
+from parallel_cases import fit_rank, make_config
+
+
+def _with(cfg, steps, **parallel):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, resume=True),
+                               parallel=dataclasses.replace(cfg.parallel, **parallel))
+
+
+def test_resume_across_layouts(corpus_dir, tmp_path):
+    base = make_config(str(corpus_dir), str(tmp_path / "straight"), steps=4)
+    base = dataclasses.replace(base, train=dataclasses.replace(base.train, ema_decay=0.5))
+    straight = [r.loss for r in Trainer(base).fit()]
+
+    # dp2 writes step 2; one process continues to step 4
+    a = dataclasses.replace(base, train=dataclasses.replace(base.train, out_dir=str(tmp_path / "a")))
+    first = run_ranks(fit_rank, 2, _with(a, 2, nprocs=2, dp=2), timeout=300)[0]
+    rest = [r.loss for r in Trainer(_with(a, 4)).fit()]
+    assert len(rest) == 2
+    for x, y in zip(first + rest, straight):
+        assert abs(x - y) <= 1e-5 * abs(y), (first + rest, straight)
+
+    # one process writes step 2; dp2 x sp2 continues to step 4
+    b = dataclasses.replace(base, train=dataclasses.replace(base.train, out_dir=str(tmp_path / "b")))
+    first = [r.loss for r in Trainer(_with(b, 2)).fit()]
+    rest = run_ranks(fit_rank, 4, _with(b, 4, nprocs=4, dp=2, sp=2), timeout=300)[0]
+    for x, y in zip(first + rest, straight):
+        assert abs(x - y) <= 1e-5 * abs(y), (first + rest, straight)
