@@ -50,6 +50,7 @@ setup(
             "hai-llm-train=hai_llm.launch.train:main",
             "hai-llm-prepare=hai_llm.launch.prepare:main",
             "hai-llm-params=hai_llm.launch.params:main",
+            "hai-llm-dryrun=hai_llm.launch.dryrun:main",
         ]
     },
 )

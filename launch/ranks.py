@@ -20,16 +20,25 @@ from hai_llm.train import checkpoint as ckpt
 
 
 def _summary(trainer, results) -> dict:
+    import resource
+
     last = [r.loss for r in results[-5:] if not r.skipped]
     steps = [r for r in results if not r.skipped]
     return {"final_loss": statistics.fmean(last) if last else float("nan"), "steps": trainer.step,
             "out_dir": str(trainer.out_dir), "losses": [r.loss for r in results],
-            "tokens_per_s": trainer.tokens_per_s, "skipped": len(results) - len(steps)}
+            "tokens_per_s": trainer.tokens_per_s, "skipped": len(results) - len(steps),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "optimizer_bytes": trainer.optimizer.state_bytes()}
 
 
 def world_size_of(cfg: Config) -> int:
+    """torchrun's WORLD_SIZE when launched by torchrun, else parallel.nprocs."""
     if "WORLD_SIZE" in os.environ and not os.environ.get("HAI_LLM_SIMULATED"):
-        return int(os.environ["WORLD_SIZE"])
+        world = int(os.environ["WORLD_SIZE"])
+        if cfg.parallel.nprocs not in (1, world):
+            raise ValueError(f"parallel.nprocs={cfg.parallel.nprocs} but torchrun started {world} ranks: "
+                             f"drop parallel.nprocs (torchrun decides) or make them equal")
+        return world
     return cfg.parallel.nprocs
 
 
@@ -55,8 +64,36 @@ def _train_rank(rank: int, world: int, cfg: Config) -> dict:
     return _summary(trainer, results)
 
 
+def _torchrun(cfg: Config, cfg_yaml: str, world: int) -> dict:
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    validate_layout(cfg, world)
+    backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    try:
+        # each node's Hydra picked its own timestamped folder: everyone uses rank 0's
+        box = [cfg.train.out_dir, cfg_yaml]
+        dist.broadcast_object_list(box, src=0)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=box[0]))
+        ckpt.save_resolved_config(cfg.train.out_dir, box[1])
+        return _train_rank(dist.get_rank(), world, cfg)
+    finally:
+        dist.destroy_process_group()
+
+
 def launch(cfg: Config, cfg_yaml: str) -> dict:
     world = world_size_of(cfg)
+    torchrun = "WORLD_SIZE" in os.environ and not os.environ.get("HAI_LLM_SIMULATED")
+    if torchrun and world > 1:
+        summary = _torchrun(cfg, cfg_yaml, world)
+        if int(os.environ.get("RANK", 0)) != 0:
+            return summary
+        return _finish(cfg, summary)
     ckpt.save_resolved_config(cfg.train.out_dir, cfg_yaml)
     if world == 1:
         from hai_llm.train.trainer import Trainer
@@ -64,26 +101,15 @@ def launch(cfg: Config, cfg_yaml: str) -> dict:
         validate_layout(cfg, 1)
         trainer = Trainer(cfg, out_dir=Path(cfg.train.out_dir))
         summary = _summary(trainer, trainer.fit())
-    elif "WORLD_SIZE" in os.environ and not os.environ.get("HAI_LLM_SIMULATED"):
-        import torch
-        import torch.distributed as dist
-
-        validate_layout(cfg, world)
-        backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-        try:
-            summary = _train_rank(dist.get_rank(), world, cfg)
-        finally:
-            dist.destroy_process_group()
-        if int(os.environ.get("RANK", 0)) != 0:
-            return summary
     else:
         from hai_llm.parallel.spawn import run_ranks
 
         validate_layout(cfg, world)
         summary = run_ranks(_train_rank, world, cfg, timeout=24 * 3600)[0]
+    return _finish(cfg, summary)
+
+
+def _finish(cfg: Config, summary: dict) -> dict:
     ckpt.write_json_atomic(Path(cfg.train.out_dir) / "summary.json",
                            {k: v for k, v in summary.items() if k != "losses"})
     print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "

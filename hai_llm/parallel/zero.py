@@ -164,6 +164,14 @@ class ZeroOptimizer:
             for p, o in zip(b.params, b.offsets):
                 p.copy_(full[o:o + p.numel()].view_as(p))
 
+    def state_bytes(self) -> int:
+        """Bytes of this rank's optimizer state: fp32 master shards and both moments."""
+        total = 0
+        for b in self.buckets:
+            for t in self._state_tensors(b).values():
+                total += t.numel() * t.element_size()
+        return total
+
     @torch.no_grad()
     def gather_full_grads(self) -> dict[str, torch.Tensor]:
         """{param name: its full reduced gradient (this rank's slice for experts)}, from
