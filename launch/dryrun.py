@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     from hai_llm.config.load import load_model_args
     from hai_llm.parallel import dryrun as D
     from hai_llm.parallel.dims import ParallelDims
@@ -119,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     elapsed = time.perf_counter() - start
     out["elapsed_s"] = elapsed
+    out["cpu_s"] = time.process_time() - cpu0
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"plan written to {a.json}")
-    print(f"dry run finished in {elapsed:.1f} s (no weights allocated)")
+    print(f"dry run finished in {elapsed:.1f} s ({out['cpu_s']:.1f} s CPU; no weights allocated)")
     return 0
 
 

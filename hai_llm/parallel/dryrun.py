@@ -311,10 +311,26 @@ class StagePlan:
     expert_params: int  # all EP ranks together
     buffers: int
     act_bytes_per_token: float
+    moe_flags: list[bool] = field(default_factory=list)  # per attention block: MoE FFN?
 
 
 def _range_label(first: int, n: int) -> str:
+    if n == 0:
+        return "-"
     return f"L{first}" if n == 1 else f"L{first}-{first + n - 1}"
+
+
+def _composition(s: "StagePlan") -> tuple:
+    return ("embed" in s.units, s.n_dense_layers, s.n_moe_layers, "head" in s.units,
+            sum(1 for u in s.units if u.startswith("MTP")))
+
+
+def _composition_label(s: "StagePlan") -> str:
+    embed, dense, moe, head, mtp = _composition(s)
+    parts = (["embed"] if embed else []) + ([f"{dense} dense"] if dense else []) + \
+        ([f"{moe} MoE"] if moe else []) + (["head"] if head else []) + \
+        (["MTP" if mtp == 1 else f"MTP x{mtp}"] if mtp else [])
+    return " + ".join(parts) or "empty"
 
 
 def build_stages(args: ModelArgs, n_stages: int, units: tuple[Unit, ...], act: dict[str, float],
@@ -347,7 +363,8 @@ def build_stages(args: ModelArgs, n_stages: int, units: tuple[Unit, ...], act: d
             attn_blocks=sum(u.attn_blocks for u in us),
             dense_params=sum(u.dense_params for u in us),
             expert_params=sum(u.expert_params for u in us), buffers=sum(u.buffers for u in us),
-            act_bytes_per_token=sum(act[u.kind] for u in us)))
+            act_bytes_per_token=sum(act[u.kind] for u in us),
+            moe_flags=[bool(u.moe_blocks) for u in us if u.attn_blocks]))
         start += n
     return stages
 
@@ -433,6 +450,7 @@ class Plan:
     activation_terms: dict[str, dict[str, float]]
     formulas: dict[str, str]
     unit_params: dict[str, int]  # parameters + buffers of every model unit, by name
+    shape_info: dict[str, int]  # dim, latent (kv_lora + rope), top_k, n_experts
     notes: list[str] = field(default_factory=list)
 
     # -- consistency ------------------------------------------------------------------
@@ -504,7 +522,8 @@ def default_n_micro(dims: ParallelDims, micro_batch: int, schedule: str,
     return n
 
 
-def _make_schedule(name: str, pp: int, n_micro: int):
+def make_schedule(name: str, pp: int, n_micro: int):
+    """The ``hai_llm.pipeline.schedules`` object for a ``ParallelDims`` schedule name."""
     from hai_llm.pipeline import schedules as S
 
     if name == "1f1b":
@@ -589,7 +608,7 @@ def plan_layout(model_args: ModelArgs, dims: ParallelDims, seq_len: int = 4096,
     act = {k: sum(v.values()) for k, v in terms.items()}
     n_stages = 2 * pp if schedule == "dualpipev" else pp
     stages = build_stages(args, n_stages, units, act, layers_per_stage)
-    sched = _make_schedule(schedule, pp, n_micro)
+    sched = make_schedule(schedule, pp, n_micro)
     T = micro_batch * seq_len // dims.sp
     D = args.dim
     ept = ep_traffic(args, dims)
@@ -688,20 +707,26 @@ def plan_layout(model_args: ModelArgs, dims: ParallelDims, seq_len: int = 4096,
     roles: list[Role] = []
     seen: dict[tuple, Role] = {}
     for rp in ranks:
-        # mirror ranks of dualpipe hold the same two stages in the other order: same role
-        sig = rp.signature() if schedule != "dualpipe" else \
-            (tuple(sorted(rp.chunk_labels)),) + rp.signature()[1:]
+        # ranks with the same composition (kinds and counts of units per chunk) and the same
+        # numbers are one role; mirror ranks of dualpipe hold the same stages in the other order
+        comp = [_composition(stages[i]) for i in rp.stages]
+        sig = (tuple(sorted(comp)) if schedule == "dualpipe" else tuple(comp),) + rp.signature()[1:]
         if sig in seen:
             seen[sig].pp_ranks.append(rp.pp_rank)
             continue
-        role = Role(name="", pp_ranks=[rp.pp_rank], n_ranks=0,
-                    layers=" | ".join(rp.chunk_labels) + (" (+ shared embed)" if rp.shared else ""),
-                    rank=rp)
-        seen[sig] = role
-        roles.append(role)
+        seen[sig] = Role(name="", pp_ranks=[rp.pp_rank], n_ranks=0, layers="", rank=rp)
+        roles.append(seen[sig])
     for role in roles:
+        rp = role.rank
         role.name = _fmt_ranks(role.pp_ranks)
         role.n_ranks = len(role.pp_ranks) * dims.stage_size
+        if len(role.pp_ranks) == 1:
+            role.layers = " | ".join(rp.chunk_labels)
+        else:
+            role.layers = " | ".join(_composition_label(stages[i]) for i in rp.stages) + \
+                f" (pp{rp.pp_rank}: {' | '.join(_range_label(stages[i].first_layer, stages[i].n_layers) for i in rp.stages)})"
+        if rp.shared:
+            role.layers += " + shared " + ", ".join(rp.shared)
 
     main = sum(u.dense_params + u.expert_params + u.buffers for u in units if u.kind != "mtp")
     mtp = sum(u.dense_params + u.expert_params + u.buffers for u in units if u.kind == "mtp")
@@ -716,6 +741,8 @@ def plan_layout(model_args: ModelArgs, dims: ParallelDims, seq_len: int = 4096,
         ranks=ranks, roles=roles, ep=ept, model_params=model_params, activation_terms=terms,
         formulas=_formulas(args, dims, precision, optim_dtype, zero1, act, ept, T),
         unit_params=unit_params,
+        shape_info={"dim": args.dim, "latent": args.kv_lora_rank + args.qk_rope_head_dim,
+                    "top_k": args.n_activated_experts, "n_experts": args.n_routed_experts},
         notes=_notes(schedule, fused_ce, shared_any=any(r.shared for r in ranks)))
     return plan
 
@@ -780,6 +807,9 @@ def rank_groups(dims: ParallelDims, rank: int) -> dict[str, Any]:
         raise ValueError(f"rank {rank} out of range [0, {dims.world_size})")
     if dist.is_initialized():
         raise RuntimeError("rank_groups needs a process without an initialized process group")
+    import sys
+
+    hook = sys.excepthook  # init_process_group chains a "[rankN]" prefix onto it
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
     try:
         mg = dims.build_mesh("cpu")
@@ -789,6 +819,7 @@ def rank_groups(dims: ParallelDims, rank: int) -> dict[str, Any]:
         return out
     finally:
         dist.destroy_process_group()
+        sys.excepthook = hook
 
 
 def format_rank_list(ranks: list[int], head: int = 4) -> str:
@@ -812,27 +843,50 @@ def format_groups(dims: ParallelDims, rank: int, groups: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------- text output
-def _gib(x: float) -> str:
-    return f"{x / GIB:,.1f}"
+def _unit(values: list[float], binary: bool) -> tuple[str, float]:
+    """The largest unit in which the biggest value is >= 1 (GiB/MiB/KiB or GB/MB/kB)."""
+    top = max(values, default=0.0)
+    units = (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024.0)) if binary else \
+        (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
+    for name, size in units:
+        if top >= size:
+            return name, size
+    return ("B", 1.0)
 
 
-def _gb(x: float) -> str:
-    return f"{x / 1e9:,.1f}"
+def _count(n: float) -> str:
+    for suffix, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{suffix}"
+    return str(int(n))
 
 
 def memory_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
+    vals = [v for ro in plan.roles for v in list(ro.rank.memory.values()) + [ro.rank.total_memory]]
+    name, size = _unit(vals, binary=True)
+    f = lambda x: f"{x / size:,.1f}"
     hdr = ["role", "ranks", "holds", "experts/layer", "params", "weights", "master", "grads",
-           "AdamW", "act/mb", "in-flight", "act peak", "total GiB"]
+           "AdamW", "act/mb", "in-flight", "act peak", f"total {name}"]
     rows = []
     for role in plan.roles:
         r = role.rank
         m = r.memory
         rows.append([role.name, str(role.n_ranks), role.layers, str(r.experts_per_moe_layer),
-                     f"{r.params / 1e9:.2f}B", _gib(m["weights_bf16"]), _gib(m["master_fp32"]),
-                     _gib(m["grads_fp32"]), _gib(m[f"adamw_{plan.optim_dtype}"]),
-                     " / ".join(_gib(b) for b in r.act_bytes_per_mb), str(r.inflight_chunks),
-                     _gib(m["activations"]), _gib(r.total_memory)])
+                     _count(r.params), f(m["weights_bf16"]), f(m["master_fp32"]),
+                     f(m["grads_fp32"]), f(m[f"adamw_{plan.optim_dtype}"]),
+                     " / ".join(f(b) for b in r.act_bytes_per_mb), str(r.inflight_chunks),
+                     f(m["activations"]), f(r.total_memory)])
     return hdr, rows
+
+
+def memory_unit(plan: Plan) -> str:
+    vals = [v for ro in plan.roles for v in list(ro.rank.memory.values()) + [ro.rank.total_memory]]
+    return _unit(vals, binary=True)[0]
+
+
+def comm_unit(plan: Plan) -> tuple[str, float]:
+    return _unit([c.bytes_per_step for ro in plan.roles for c in ro.rank.comm]
+                 + [ro.rank.total_comm for ro in plan.roles], binary=False)
 
 
 COMM_COLUMNS = (
@@ -847,21 +901,26 @@ COMM_COLUMNS = (
 
 
 def comm_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
-    hdr = ["role"] + [name for name, _ in COMM_COLUMNS] + ["total GB"]
+    unit, size = comm_unit(plan)
+    f = lambda x: f"{x / size:,.1f}"
+    hdr = ["role"] + [name for name, _ in COMM_COLUMNS] + [f"total {unit}"]
     rows = []
     for role in plan.roles:
         r = role.rank
-        rows.append([role.name] + [_gb(sum(c.bytes_per_step for c in r.comm if pick(c)))
-                                   for _, pick in COMM_COLUMNS] + [_gb(r.total_comm)])
+        rows.append([role.name] + [f(sum(c.bytes_per_step for c in r.comm if pick(c)))
+                                   for _, pick in COMM_COLUMNS] + [f(r.total_comm)])
     return hdr, rows
 
 
 def header_lines(plan: Plan) -> list[str]:
     d, mp = plan.dims, plan.model_params
     ok = plan.rank_param_total() == plan.copies_expected() and plan.stage_param_total() == mp["total_with_buffers"]
+    where = (f"{d.n_nodes} nodes x {d.gpus_per_node}" if d.world_size >= d.gpus_per_node
+             else f"part of one {d.gpus_per_node}-GPU node")
+    span = f"spans {d.nodes_per_ep_group} nodes" if d.nodes_per_ep_group > 1 else "inside one node"
     return [
-        f"hai-llm dry run: {plan.model} on {d.world_size} GPUs = {d.n_nodes} nodes x {d.gpus_per_node}; "
-        f"pp={d.pp} dp={d.dp} sp={d.sp} ep={d.ep} (edp={d.edp}, EP group spans {d.nodes_per_ep_group} nodes)",
+        f"hai-llm dry run: {plan.model} on {d.world_size} GPUs = {where}; "
+        f"pp={d.pp} dp={d.dp} sp={d.sp} ep={d.ep} (edp={d.edp}, EP group {span})",
         f"schedule {plan.schedule}, {plan.n_stages} stages, n_micro={plan.n_micro}, micro_batch={plan.micro_batch} "
         f"x seq_len={plan.seq_len} -> T={plan.tokens_per_micro_batch} tokens/micro-batch/rank; global batch "
         f"{plan.global_batch_sequences:,} sequences = {plan.global_batch_sequences * plan.seq_len / 1e6:.1f}M tokens; "
@@ -877,18 +936,20 @@ def header_lines(plan: Plan) -> list[str]:
 def footer_lines(plan: Plan) -> list[str]:
     e = plan.ep
     worst = max(plan.roles, key=lambda ro: ro.rank.total_memory)
+    limit = (f"node-limited to {e['nodes_per_token']:.0f} of {e['nodes']} nodes" if e["nodes"] > 1
+             else "EP group inside one node")
     return [
         f"EP traffic per token per dispatch: {e['ib']:.3f} IB copies + {e['nvlink']:.3f} NVLink copies "
-        f"(node-limited to {e['nodes_per_token']:.0f} of {e['nodes']} nodes; a per-expert all-to-all "
-        f"would send {e['naive']:.3f} copies, {e['naive_cross_node']:.3f} across nodes)",
-        f"peak memory per rank: {_gib(worst.rank.total_memory)} GiB on {worst.name}; memory in GiB, "
-        f"traffic in GB sent per rank per step",
+        f"({limit}; a per-expert all-to-all would send {e['naive']:.3f} copies, "
+        f"{e['naive_cross_node']:.3f} across nodes)",
+        f"peak memory per rank: {worst.rank.total_memory / GIB:,.2f} GiB on {worst.name}; memory in "
+        f"{memory_unit(plan)}, traffic in {comm_unit(plan)[0]} sent per rank per step",
     ] + [f"note: {n}" for n in plan.notes]
 
 
-def _plain_table(hdr: list[str], rows: list[list[str]]) -> str:
+def _plain_table(hdr: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(hdr)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i in (0, 2) else c.rjust(w)
+    fmt = lambda cells: "  ".join(c.ljust(w) if i in left else c.rjust(w)
                                   for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(hdr), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
@@ -897,8 +958,9 @@ def format_plan(plan: Plan) -> str:
     """The whole report as plain text."""
     h1, r1 = memory_rows(plan)
     h2, r2 = comm_rows(plan)
-    return "\n".join(header_lines(plan) + ["", "memory per rank (GiB)", _plain_table(h1, r1), "",
-                                           "traffic per rank per step (GB sent)", _plain_table(h2, r2), ""]
+    return "\n".join(header_lines(plan) + ["", f"memory per rank ({memory_unit(plan)})", _plain_table(h1, r1, (0, 2)), "",
+                                           f"traffic per rank per step ({comm_unit(plan)[0]} sent)",
+                                           _plain_table(h2, r2), ""]
                      + footer_lines(plan))
 
 
@@ -915,15 +977,16 @@ def print_plan(plan: Plan, plain: bool = False, file=None) -> None:
     except ImportError:
         print(format_plan(plan), file=file)
         return
-    console = Console(file=file, width=max(160, 0))
+    console = Console(file=file, width=200)
     for line in header_lines(plan):
         console.print(line, highlight=False, soft_wrap=True)
-    for title, (hdr, rows) in (("memory per rank (GiB)", memory_rows(plan)),
-                               ("traffic per rank per step (GB sent)", comm_rows(plan))):
+    for title, (hdr, rows), left in ((f"memory per rank ({memory_unit(plan)})", memory_rows(plan), (0, 2)),
+                                     (f"traffic per rank per step ({comm_unit(plan)[0]} sent)",
+                                      comm_rows(plan), (0,))):
         t = Table(title=title, title_justify="left")
         for i, h in enumerate(hdr):
-            t.add_column(h, justify="left" if i in (0, 2) else "right",
-                         overflow="fold", max_width=38 if i == 2 else None)
+            t.add_column(h, justify="left" if i in left else "right",
+                         overflow="fold", max_width=52 if i == 2 else None)
         for r in rows:
             t.add_row(*r)
         console.print(t)

@@ -1,0 +1,260 @@
+"""The full-scale dry run (hai_llm.parallel.dryrun, hai-llm-dryrun) and the collective-order
+validator (hai_llm.parallel.collectives).
+
+Dry run: the 2048-GPU DeepSeek-V3 layout is planned in one process in seconds, its per-rank
+parameter counts come from the real meta model and add back up to the model (nothing lost or
+double counted, DualPipe's 2x made explicit), ZeRO-1 state falls as 1/dp, bad layouts fail
+before anything is built. Validator: synthetic traces with a mismatch are caught; one real
+gloo run of a layout's step is consistent and identical to its fake-backend simulation; the
+classic ordering bugs are reported (not hung on) under the fake backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+import torch.distributed as dist
+
+from hai_llm.parallel.collectives import (
+    CollectiveMismatch,
+    CollectiveRecorder,
+    Record,
+    StepSpec,
+    check_consistent,
+    layout_step,
+    simulate_ranks,
+    traced_layout_step,
+)
+from hai_llm.parallel.dims import ParallelDims
+
+MAIN_PARAMS = 671_026_419_200  # REFERENCE.md sec. 2 (weights + routing bias, by formula)
+
+
+def v3_dims(dp: int = 128) -> ParallelDims:
+    return ParallelDims(world_size=16 * dp, pp=16, dp=dp, sp=1, ep=64, gpus_per_node=8)
+
+
+@pytest.fixture(scope="module")
+def v3_args():
+    from hai_llm.config.load import load_model_args
+
+    return load_model_args("deepseek_v3_671b")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process: the two cores are shared with other jobs, so wall-clock time
+    measures their load more than our work."""
+    return time.process_time()
+
+
+@pytest.fixture(scope="module")
+def v3_plan(v3_args):
+    """The production plan, timed cold (the meta model is built inside)."""
+    from hai_llm.parallel import dryrun
+
+    dryrun._UNITS_CACHE.clear()
+    start = cpu_seconds()
+    plan = dryrun.plan_layout(v3_args, v3_dims())
+    return plan, cpu_seconds() - start
+
+
+# ----------------------------------------------------------------------------- dry run
+def test_production_layout_plans_fast_and_counts_every_parameter(v3_args, v3_plan):
+    from hai_llm.model.params import parameter_table
+
+    plan, elapsed = v3_plan
+    assert elapsed < 15.0, f"planning 2048 ranks took {elapsed:.1f} s of CPU"
+    table = parameter_table(v3_args)  # the model's own accounting (hai-llm-params)
+    total = MAIN_PARAMS + table["mtp"]["total"]
+    assert plan.model_params["main"] == MAIN_PARAMS
+    assert plan.model_params["total_with_buffers"] == total
+    # one copy of every stage, experts summed over the 64 EP ranks
+    assert plan.stage_param_total() == total
+    # every pp rank as held: DualPipe keeps every stage twice (ranks r and pp-1-r)
+    assert plan.rank_param_total() == 2 * total == plan.copies_expected()
+    # per rank: the expert slice is 1/64 of the stage's experts, 4 experts per MoE layer
+    for rp in plan.ranks:
+        stage_experts = sum(plan.stages[s].expert_params for s in rp.stages)
+        assert rp.expert_params * 64 == stage_experts
+        assert rp.experts_per_moe_layer == 4
+        assert rp.inflight_chunks == 17  # DualPipe: PP + 1 (Table 2)
+    assert sorted(s for rp in plan.ranks for s in rp.stages) == sorted(list(range(16)) * 2)
+    assert [r.name for r in plan.roles] == ["pp0,15", "pp1,14", "pp2-13"]
+    assert sum(r.n_ranks for r in plan.roles) == 2048
+    # the layers really are all placed once per copy
+    layers = sorted(u for s in plan.stages for u in s.units if u.startswith("L"))
+    assert layers == sorted(f"L{i}" for i in range(61))
+    # the production layout fits an 80 GB H800 under these assumptions
+    assert plan.peak_memory < 80e9
+
+
+@pytest.mark.parametrize("schedule, extra", [("1f1b", "embed"), ("dualpipev", None)])
+def test_other_schedules_account_copies_explicitly(v3_args, v3_plan, schedule, extra):
+    from hai_llm.parallel.dryrun import plan_layout
+
+    plan = plan_layout(v3_args, v3_dims(), schedule=schedule)
+    total = v3_plan[0].model_params["total_with_buffers"]
+    assert plan.stage_param_total() == total
+    shared = plan.unit_params["embed"] if extra else 0  # 1f1b: MTP stage keeps an embedding copy
+    assert plan.rank_param_total() == total + shared == plan.copies_expected()
+    if schedule == "1f1b":
+        assert [r.inflight_chunks for r in plan.ranks] == list(range(16, 0, -1))  # pp on rank 0
+        assert plan.ranks[-1].shared == ["embed"]
+    else:
+        assert plan.n_stages == 32 and plan.ranks[0].stages == [0, 31]
+
+
+def test_zero1_state_falls_as_one_over_dp(v3_args, v3_plan):
+    from hai_llm.parallel.dryrun import plan_layout
+
+    small = v3_plan[0]
+    big = plan_layout(v3_args, v3_dims(dp=256), n_micro=small.n_micro)
+    assert big.dims.edp == 2 * small.dims.edp
+    for a, b in zip(small.ranks, big.ranks):
+        assert b.params == a.params
+        assert b.memory["adamw_bf16"] == pytest.approx(a.memory["adamw_bf16"] / 2, rel=1e-6)
+        assert b.memory["master_fp32"] == pytest.approx(a.memory["master_fp32"] / 2, rel=1e-6)
+        assert b.memory["grads_fp32"] == a.memory["grads_fp32"]  # ZeRO-1 does not shard grads
+    off = plan_layout(v3_args, v3_dims(), zero1=False, n_micro=small.n_micro)
+    assert off.ranks[2].memory["adamw_bf16"] == 4 * off.ranks[2].params
+
+
+def test_bad_layouts_fail_fast_with_the_fix(v3_args, capsys):
+    from hai_llm.launch.dryrun import main
+    from hai_llm.parallel.dryrun import plan_layout
+
+    start = cpu_seconds()
+    with pytest.raises(ValueError, match="use n_micro_batches=32"):
+        plan_layout(v3_args, v3_dims(), n_micro=30)
+    with pytest.raises(ValueError, match="expert groups do not line up with nodes"):
+        plan_layout(v3_args, ParallelDims(world_size=2048, pp=16, dp=128, ep=32))
+    with pytest.raises(ValueError, match="even pp"):
+        plan_layout(v3_args, ParallelDims(world_size=1920, pp=15, dp=128, ep=64))
+    assert main(["--pp", "15"]) == 2
+    assert main(["--ep", "48"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid layout" in err and "ep=48" in err
+    assert cpu_seconds() - start < 5.0  # nothing is built before validation
+
+
+def test_cli_defaults_table_groups_and_json(v3_plan, tmp_path, capsys):
+    from hai_llm.launch.dryrun import main
+
+    out = tmp_path / "plan.json"
+    start = cpu_seconds()
+    assert main(["--plain", "--show-groups", "130", "--json", str(out)]) == 0
+    assert cpu_seconds() - start < 15.0
+    text = capsys.readouterr().out
+    assert "2048 GPUs = 256 nodes x 8" in text and "schedule dualpipe" in text
+    assert "(consistent)" in text
+    for role in ("pp0,15", "pp1,14", "pp2-13"):
+        assert role in text
+    assert "[130, 194]" in text  # rank 130's edp group, built by torch under the fake pg
+    data = json.loads(out.read_text())
+    assert data["n_micro"] == 120 and data["global_batch_sequences"] == 15360
+    assert data["groups_of_rank"]["ep"] == list(range(128, 192))
+    assert data["consistency"]["rank_param_total"] == data["consistency"]["copies_expected"]
+    assert not dist.is_initialized()
+
+
+# ----------------------------------------------------------------------------- validator
+def _rec(rank, index, op, group, shapes=((4,),), dtype="torch.float32", **kw):
+    return Record(rank=rank, index=index, op=op, group=tuple(group), shapes=tuple(shapes),
+                  dtype=dtype, **kw)
+
+
+def test_synthetic_traces_mismatch_is_named():
+    g = (0, 1)
+    good = {0: [_rec(0, 0, "all_reduce", g, reduce_op="SUM"),
+                _rec(0, 1, "all_to_all_single", g, shapes=((5, 8), (3, 8)), splits=2),
+                _rec(0, 2, "isend", (0, 1), peer=1)],
+            1: [_rec(1, 0, "all_reduce", g, reduce_op="SUM"),
+                _rec(1, 1, "all_to_all_single", g, shapes=((3, 8), (5, 8)), splits=2),
+                _rec(1, 2, "irecv", (0, 1), peer=0)]}
+    assert check_consistent(good).ok  # a2a row counts may differ per rank
+    bad = dict(good)
+    bad[1] = [_rec(1, 0, "all_reduce", g, shapes=((8,),), reduce_op="SUM")] + good[1][1:]
+    with pytest.raises(CollectiveMismatch) as e:
+        check_consistent(bad)
+    first = e.value.report.first
+    assert (first.group, first.position, first.rank_a, first.rank_b) == (g, 0, 0, 1)
+    assert "rank 0 issued all_reduce((4,)" in str(e.value) and "rank 1 issued all_reduce((8,)" in str(e.value)
+    # a2a with a different split count or row width is a mismatch
+    a2a = dict(good)
+    a2a[1] = [good[1][0], _rec(1, 1, "all_to_all_single", g, shapes=((3, 9), (5, 9)), splits=2), good[1][2]]
+    assert not check_consistent(a2a, raise_on_error=False).ok
+    # a send nobody receives
+    p2p = {0: good[0], 1: good[1][:2]}
+    rep = check_consistent(p2p, raise_on_error=False)
+    assert rep.first.kind == "p2p" and "link 0 -> 1" in str(rep.first)
+
+
+def _fake_program(rank, world):
+    import torch
+
+    g = dist.new_group([0, 1])
+    x = torch.zeros(4)
+    dist.reduce_scatter_tensor(torch.zeros(2), torch.zeros(4), group=g)  # calls *_single inside
+    dist.all_gather_into_tensor(torch.zeros(4), torch.zeros(2), group=g)
+    peer = 1 - rank
+    for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, x, peer)]):
+        w.wait()
+    dist.broadcast(x, src=0)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the deprecated aliases on purpose
+def test_recorder_records_each_call_once_and_restores_torch():
+    before = dist.all_reduce
+    traces = simulate_ranks(_fake_program, 2)
+    assert dist.all_reduce is before and not dist.is_initialized()
+    ops = [r.op for r in traces[0]]
+    assert ops == ["reduce_scatter_tensor", "all_gather_into_tensor", "isend", "irecv", "broadcast"]
+    assert traces[0][2].batched and traces[0][2].peer == 1 and traces[1][2].peer == 0
+    assert traces[0][4].peer == 0 and traces[0][4].group == (0, 1)
+    assert check_consistent(traces).ok
+    with CollectiveRecorder():
+        with pytest.raises(RuntimeError, match="already active"):
+            CollectiveRecorder().__enter__()
+
+
+SMALL = StepSpec(world_size=4, pp=2, dp=2, sp=1, ep=2, gpus_per_node=8, schedule="dualpipe",
+                 n_micro=4, blocks=(((False, True), (True, True)), ((True, True), (False, True))),
+                 dense_params=(100, 100), expert_params=(40, 40), tokens=4, dim=8, latent=6,
+                 top_k=2, n_experts=4)
+
+
+def test_real_gloo_step_is_consistent_and_matches_the_fake_simulation():
+    """ONE spawn: 4 gloo ranks (pp2 x dp2, ep2, DualPipe) run the layout's step for real."""
+    from hai_llm.parallel.spawn import run_ranks
+
+    real = dict(enumerate(run_ranks(traced_layout_step, 4, SMALL, timeout=240)))
+    report = check_consistent(real)
+    assert report.ok and report.n_links == 4  # both directions between the two stages, x2 columns
+    kinds = {r.kind for t in real.values() for r in t}
+    assert {"all_to_all_single", "send", "recv", "reduce_scatter_single", "all_gather_single",
+            "all_reduce"} <= kinds
+    assert simulate_ranks(layout_step, 4, SMALL) == real  # fake simulation == the real run
+
+
+SP_SPEC = StepSpec(world_size=8, pp=2, dp=2, sp=2, ep=2, gpus_per_node=8, schedule="1f1b",
+                   n_micro=4, blocks=(((False, True),), ((True, True, True),)),
+                   dense_params=(100, 90), expert_params=(40, 60), tokens=4, dim=8, latent=6,
+                   top_k=2, n_experts=4)
+
+
+@pytest.mark.parametrize("bug, kind, needle", [
+    ("stage_sized_allreduce", "collective", "all_reduce((2,)"),
+    ("swap_zero", "collective", "all_gather_single"),
+    ("p2p_shape", "p2p", "isend((3, 8)"),
+    ("skip_a2a", "collective", "all_to_all_single"),
+])
+def test_inconsistent_programs_are_reported_not_hung(bug, kind, needle):
+    assert check_consistent(simulate_ranks(layout_step, 8, SP_SPEC)).ok
+    start = cpu_seconds()
+    report = check_consistent(simulate_ranks(layout_step, 8, dataclasses.replace(SP_SPEC, bug=bug)),
+                              raise_on_error=False)
+    assert cpu_seconds() - start < 10.0  # returns: nothing waits for a peer
+    assert not report.ok and report.first.kind == kind
+    assert needle in str(report.first)
