@@ -1,6 +1,8 @@
-"""Every dp x sp layout must reproduce the single-process run: the same losses over 3
-optimizer steps, the same global gradient norm, and the same gradient of every parameter
-at step 1 (fp32, relative error < 1e-5)."""
+"""Every dp x sp x ep layout must reproduce the single-process run: the same losses over 3
+optimizer steps, the same global gradient norm (experts of other EP ranks included), the
+same routing-bias updates, and the same gradient of every parameter at step 1 (each
+expert's gradient stitched from its EP rank; fp32, relative error < 1e-5). With ep > 1
+this is where frameworks shipped expert gradients off by exactly ep x."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +11,9 @@ from hai_llm.parallel.spawn import RankError, run_ranks
 from parallel_cases import make_config, rank_body, rel_err, single_process, stitch
 
 LAYOUTS = {
-    2: [dict(nprocs=2, dp=2), dict(nprocs=2, sp=2)],
-    4: [dict(nprocs=4, dp=4), dict(nprocs=4, dp=2, sp=2)],
+    2: [dict(nprocs=2, dp=2), dict(nprocs=2, sp=2), dict(nprocs=2, dp=2, ep=2)],
+    4: [dict(nprocs=4, dp=4), dict(nprocs=4, dp=2, sp=2), dict(nprocs=4, dp=4, ep=4),
+        dict(nprocs=4, dp=2, sp=2, ep=2, transport="hierarchical", gpus_per_node=2)],
 }
 
 

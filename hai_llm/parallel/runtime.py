@@ -61,7 +61,7 @@ class DistributedRuntime(Runtime):
         if self.dims.ep > 1:
             from hai_llm.parallel.expert import apply_expert_parallel
 
-            apply_expert_parallel(model, self.mesh, self.dims, transport=self.cfg.parallel.transport)
+            apply_expert_parallel(model, self.mesh, transport=self.cfg.parallel.transport)
         return model
 
     def positions(self, seq_len: int, device):
