@@ -49,13 +49,15 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     and ramps linearly in between.
     """
     dim, base = args.qk_rope_head_dim, args.rope_theta
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    # explicit CPU: tables are tiny, and under a meta-device context arange would run
+    # through torch's decompositions (slow first call)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     if args.yarn_active:
         low = max(math.floor(_correction_dim(args.beta_fast, dim, base, args.original_seq_len)), 0)
         high = min(math.ceil(_correction_dim(args.beta_slow, dim, base, args.original_seq_len)), dim - 1)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
         keep = 1.0 - ramp  # 1 -> extrapolate (unchanged), 0 -> interpolate (divided)
         freqs = freqs / args.rope_factor * (1 - keep) + freqs * keep
     return freqs.float()
@@ -63,10 +65,10 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
 
 def rope_cos_sin(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [max_seq_len, R/2] in fp32."""
-    freqs = rope_frequencies(args).to(device)
-    t = torch.arange(args.max_seq_len, device=device, dtype=torch.float32)
+    freqs = rope_frequencies(args)
+    t = torch.arange(args.max_seq_len, device="cpu", dtype=torch.float32)
     ang = torch.outer(t, freqs)
-    return ang.cos(), ang.sin()
+    return ang.cos().to(device), ang.sin().to(device)
 
 
 class Rope(NamedTuple):

@@ -72,7 +72,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        # _weight skips nn.Embedding's own normal_ init: on the meta device that call runs
+        # through torch's decompositions and imports torch._dynamo (seconds per process);
+        # init_weights initialises it like every other matrix anyway
+        self.embed = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         self.layers = nn.ModuleList([Block(i, args) for i in range(args.n_layers)])
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -183,6 +186,23 @@ class Transformer(nn.Module):
             m.update_bias(load, gamma)
 
 
+def materialize(module: nn.Module, device: str | torch.device) -> nn.Module:
+    """Give every meta parameter and buffer real (uninitialised) storage on ``device``.
+
+    Same result as ``nn.Module.to_empty`` without its detour through torch's module
+    ``_apply`` machinery, whose first call imports torch._dynamo (seconds per process,
+    paid again by every spawned rank)."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_meta:
+                m._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                                   requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+    return module
+
+
 def build_model(args: ModelArgs, device: str | torch.device = "meta", seed: int | None = 0,
                 dtype: torch.dtype = torch.float32) -> Transformer:
     """Build on the meta device; materialize on ``device`` and initialize unless it is meta."""
@@ -190,7 +210,7 @@ def build_model(args: ModelArgs, device: str | torch.device = "meta", seed: int 
         model = Transformer(args)
     if str(device) == "meta":
         return model
-    model = model.to_empty(device=device)
+    model = materialize(model, device)
     model.init_weights(seed)
     if dtype != torch.float32:
         model = model.to(dtype)
