@@ -43,7 +43,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.50"],
-        "deepspeed": ["deepspeed>=0.14"],
     },
     entry_points={
         "console_scripts": [
