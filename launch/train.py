@@ -9,6 +9,9 @@ With ``parallel.nprocs=1`` the run happens in this process. Larger layouts go th
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,7 +37,15 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float:
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        # bad input (config values, layout, data paths): the message names the fix; a
+        # traceback from deep inside would only hide it (HAI_LLM_TRACEBACK=1 shows it)
+        if os.environ.get("HAI_LLM_TRACEBACK"):
+            raise
+        print(f"hai-llm-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     return summary.get("final_loss", float("nan"))
 
 

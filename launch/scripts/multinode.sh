@@ -9,7 +9,7 @@
 #   GPUS_PER_NODE processes per node               (default: number of visible GPUs, else 8)
 # Everything after the script name is passed to hai-llm-train as Hydra overrides, e.g.
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/scripts/multinode.sh \
-#       model=deepseek_v3_671b parallel.pp=2 parallel.dp=8 parallel.ep=8 parallel.nprocs=16
+#       parallel=single parallel.dp=16 parallel.ep=8
 # parallel.gpus_per_node is set from GPUS_PER_NODE so expert groups line up with nodes.
 set -euo pipefail
 
