@@ -198,7 +198,10 @@ class MoE(nn.Module):
                                                                   self.seq_reducer, self.seq_world)
         else:
             bal = scores_BSE.new_zeros(())
-        self._stats = MoEStats(counts=counts, balance_loss=bal)
+        # A forward re-run inside backward (activation checkpointing) must compute the same
+        # ops as the original, but its statistics were already recorded by that original
+        if torch._C._current_graph_task_id() == -1:
+            self._stats = MoEStats(counts=counts, balance_loss=bal)
 
     def pop_stats(self) -> MoEStats | None:
         s, self._stats = self._stats, None
