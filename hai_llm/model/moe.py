@@ -67,19 +67,34 @@ class Gate(nn.Module):
         self.bias.zero_()
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: the CPU kernel of
+    grouped_mm's backward rejects expanded gradients (e.g. from ``y.sum()``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
 def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """y[r] = x[r] @ w[e(r)]^T for rows sorted by expert, ``counts`` rows per expert.
 
-    bf16 uses torch._grouped_mm; other dtypes (fp32/fp64 on CPU, where _grouped_mm is
-    bf16-only) scatter rows into a zero-padded [E, max_count, I] batch and use one bmm.
-    Zero-count experts cost nothing but their slot in the padded batch.
+    fp32/bf16/fp16 use torch's grouped GEMM (one kernel over ragged groups, no padding);
+    other dtypes (fp64 references) scatter rows into a zero-padded [E, max_count, I]
+    batch and use one bmm.
     """
     E = w_EOI.shape[0]
     if x_RI.shape[0] == 0:
         return x_RI.new_zeros(0, w_EOI.shape[1])
-    if x_RI.dtype == torch.bfloat16 and w_EOI.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+    grouped = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if grouped is not None and x_RI.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            and w_EOI.dtype == x_RI.dtype:
         offs = counts_E.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs)
+        return _ContiguousGrad.apply(grouped(x_RI, w_EOI.transpose(-2, -1), offs=offs))
     expert_of_row = torch.repeat_interleave(torch.arange(E, device=x_RI.device), counts_E)
     start = counts_E.cumsum(0) - counts_E
     pos = torch.arange(x_RI.shape[0], device=x_RI.device) - start[expert_of_row]
