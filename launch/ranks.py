@@ -44,22 +44,25 @@ def world_size_of(cfg: Config) -> int:
 
 def validate_layout(cfg: Config, world: int):
     from hai_llm.parallel.runtime import dims_from_config
+    from hai_llm.pipeline.runtime import pipeline_dims
 
     p = cfg.parallel
     if p.pp * p.dp * p.sp != world:
         raise ValueError(f"parallel.pp={p.pp} x parallel.dp={p.dp} x parallel.sp={p.sp} = {p.pp * p.dp * p.sp} "
                          f"but the job has {world} ranks (parallel.nprocs or torchrun's WORLD_SIZE): "
                          f"make the product equal the number of ranks")
-    return dims_from_config(cfg, world)
+    return pipeline_dims(cfg, world) if p.pp > 1 else dims_from_config(cfg, world)
 
 
 def _train_rank(rank: int, world: int, cfg: Config) -> dict:
     """Body of one rank (process group already initialised)."""
     from hai_llm.parallel.runtime import DistributedRuntime
+    from hai_llm.pipeline.runtime import PipelineRuntime
     from hai_llm.train.trainer import Trainer
 
     dims = validate_layout(cfg, world)
-    trainer = Trainer(cfg, runtime=DistributedRuntime(cfg, dims), out_dir=Path(cfg.train.out_dir))
+    runtime = PipelineRuntime(cfg, dims) if dims.pp > 1 else DistributedRuntime(cfg, dims)
+    trainer = Trainer(cfg, runtime=runtime, out_dir=Path(cfg.train.out_dir))
     results = trainer.fit()
     return _summary(trainer, results)
 

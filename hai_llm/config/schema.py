@@ -72,8 +72,11 @@ class ParallelConfig:
     sp: int = 1
     ep: int = 1
     gpus_per_node: int = 8
-    schedule: str = "1f1b"  # 1f1b | dualpipe | dualpipev
+    schedule: str = "1f1b"  # pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev
     n_micro: int = 0  # pipeline micro-batches per step (0 = global_batch / dp / micro_batch)
+    stage_layers: list[int] = field(default_factory=list)  # layers per stage; [] = balanced by cost
+    overlap: bool = True  # DualPipe: interleave paired F&B chunks (False: F then B, for comparison)
+    trace_dir: str = ""  # write per-rank chrome traces and a Gantt PNG of the pipeline here
     transport: str = "flat"  # expert all-to-all: flat | hierarchical (node-aware, DeepEP-style)
 
 

@@ -1,0 +1,440 @@
+"""Runs a pipeline schedule's actions on real ranks with point-to-point transfers.
+
+One :class:`PipelineExecutor` per pipeline rank owns ALL the state of a step (nothing lives
+at module level): the stashed forward tapes per ``(micro-batch, chunk)``, the queue of
+deferred weight-gradient closures per ``(micro-batch, chunk)``, the local mailboxes of the
+V-turn (DualPipeV's two chunks on one rank), the posted receives and the sends in flight.
+
+P2P contract (certified per schedule by ``simulator.check_schedule``): for every action, post
+the ``comm_plan`` receives listed in ``posts`` (``irecv``; some are for LATER actions:
+DualPipe's pre-posted forward receives), wait only the ``recvs`` the action consumes, compute,
+``isend`` the ``sends`` and never wait on a send before the end of the step.  Receive buffers
+are allocated per message: ``[micro-batch rows, local sequence, dim]`` in the activation dtype,
+both activations and gradients.  All messages of a link use one tag, so matching relies on the
+posting order exactly as NCCL would; a plan error would surface as wrong numbers in the
+equivalence tests rather than be hidden by tags.
+
+Actions: ``F`` builds the stage's pieces for the micro-batch (``overlap.build_stage_pieces``)
+and runs them; ``B`` runs the pieces' backwards, collecting weight-gradient closures for the
+later ``W``; ``BW`` is B then W; ``FB`` runs a forward and a full backward either overlapped
+piece by piece (``overlap.run_overlapped``) or one after the other (``overlap=False``).  A last
+stage adds its losses to its backward; every stage adds the balance losses of its own MoE
+layers to its backward (``autograd.backward([outputs..., balance], [grads..., 1/n_micro])``).
+
+Tracing: with ``trace=True`` every action, every piece and every receive wait is recorded as a
+wall-clock :class:`~hai_llm.pipeline.gantt.Span` (``spans``), ready for a Chrome trace per rank
+or a Gantt chart of all ranks (``PipelineRuntime.write_trace``).
+
+:func:`record_collectives` (a context manager) logs every torch.distributed call of a rank, so
+a test can check that all members of every group issue their collectives in the same order.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .gantt import Span
+from .overlap import (Tape, WeightGradStore, build_stage_pieces, run_closures, run_overlapped,
+                      run_sequential)
+from .schedules import Action, Message, PipelineSchedule
+
+P2P_TAG = 0
+
+
+class _Tracer:
+    """Wall-clock spans of one rank: actions (Gantt rows) and pieces / waits (trace detail)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.actions: List[Span] = []
+        self.details: List[Tuple[str, str, float, float]] = []
+
+    def piece(self, name: str, kind: str, t0: float, t1: float) -> None:
+        self.details.append((name, kind, t0, t1))
+
+    def action(self, act: Action, t0: float, t1: float) -> None:
+        self.actions.append(Span(self.rank, str(act), act.kind, t0, t1, act.chunk))
+
+
+@dataclass
+class StepStats:
+    """What one step produced on this rank (before any reduction).
+
+    ``ce``/``mtp``: {mb: value} for micro-batches whose loss this rank computed; ``balance``:
+    {(mb, global MoE index): value}; ``counts``: [n own MoE layers, E] summed over the step
+    (None without MoE layers); ``comm_wait_s``: time blocked in receive waits.
+    """
+
+    ce: Dict[int, torch.Tensor] = field(default_factory=dict)
+    mtp: Dict[int, torch.Tensor] = field(default_factory=dict)
+    balance: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    counts: Optional[torch.Tensor] = None
+    comm_wait_s: float = 0.0
+    step_s: float = 0.0
+
+
+class PipelineExecutor:
+    """Executes ``schedule.actions(pp_rank)`` for the stages of ``model`` (a PipelineModel).
+
+    ``peers[q]``: global rank of pipeline rank ``q`` in this rank's pp group.  ``act_dtype``:
+    dtype of the hidden states crossing stages.  ``overlap``: run FB pairs piece-interleaved.
+    """
+
+    def __init__(self, model, schedule: PipelineSchedule, pp_rank: int, peers: Sequence[int],
+                 act_dtype: torch.dtype = torch.float32, overlap: bool = True, trace: bool = False,
+                 store: Optional[WeightGradStore] = None):
+        self.model = model
+        self.schedule = schedule
+        self.rank = pp_rank
+        self.peers = list(peers)
+        self.act_dtype = act_dtype
+        self.overlap = overlap
+        self.trace = trace
+        self.store = store or WeightGradStore()
+        self.actions = schedule.actions(pp_rank)
+        self.plan = schedule.comm_plan(pp_rank)
+        self.n_micro = schedule.n_micro
+        self.spans: List[Span] = []
+        self.details: List[Tuple[str, str, float, float]] = []
+
+    # ------------------------------------------------------------------ one step
+    def run(self, micro_batches: Sequence[torch.Tensor], pos_S: Optional[torch.Tensor],
+            autocast: Optional[Callable] = None) -> StepStats:
+        if len(micro_batches) != self.n_micro:
+            raise ValueError(f"the schedule was built for {self.n_micro} micro-batches, got "
+                             f"{len(micro_batches)}")
+        args = self.model.args
+        T = micro_batches[0].shape[1]
+        S = T - 1 - args.n_mtp_layers
+        if S < 1:
+            raise ValueError(f"need windows of seq_len + 1 + n_mtp_layers tokens; got {T}")
+        if pos_S is None:
+            pos_S = torch.arange(S, device=micro_batches[0].device)
+        st = _StepState(self, micro_batches, pos_S, autocast)
+        t0 = time.time()
+        try:
+            for idx, act in enumerate(self.actions):
+                st.run_action(idx, act)
+            st.finish()
+        finally:
+            st.release()
+        stats = st.stats
+        stats.step_s = time.time() - t0
+        if self.trace:
+            self.spans = st.tracer.actions
+            self.details = st.tracer.details
+        return stats
+
+    def chrome_trace(self, path) -> Path:
+        """Chrome-trace JSON of the last traced step: actions on tid 0, pieces and receive
+        waits on tid 1 (microseconds since the step started)."""
+        if not self.spans:
+            raise RuntimeError("no traced step: construct the executor with trace=True and run a step")
+        t0 = min(s.start for s in self.spans)
+        ev = []
+        for s in self.spans:
+            ev.append({"name": s.name, "ph": "X", "pid": s.rank, "tid": 0, "ts": (s.start - t0) * 1e6,
+                       "dur": s.duration * 1e6, "args": {"kind": s.kind, "direction": s.direction}})
+        for name, kind, a, b in self.details:
+            ev.append({"name": name, "ph": "X", "pid": self.rank, "tid": 1, "ts": (a - t0) * 1e6,
+                       "dur": (b - a) * 1e6, "args": {"kind": kind}})
+        ev.append({"name": "process_name", "ph": "M", "pid": self.rank,
+                   "args": {"name": f"pp rank {self.rank}"}})
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"traceEvents": ev, "displayTimeUnit": "ms"}))
+        return path
+
+
+class _StepState:
+    """Everything of one step on one rank; dropped at the end of the step."""
+
+    def __init__(self, ex: PipelineExecutor, mbs, pos_S, autocast):
+        self.ex = ex
+        self.sched = ex.schedule
+        self.rank = ex.rank
+        self.mbs = mbs
+        self.pos = pos_S
+        self.autocast = autocast
+        self.model = ex.model
+        self.scale = torch.ones((), dtype=torch.float32) / ex.n_micro
+        self.tapes: Dict[Tuple[int, int], Tape] = {}
+        self.wqueue: Dict[Tuple[int, int], list] = {}
+        self.local_act: Dict[Tuple[int, int], torch.Tensor] = {}
+        self.local_grad: Dict[Tuple[int, int], torch.Tensor] = {}
+        self.posted: Dict[Message, Tuple[object, torch.Tensor]] = {}
+        self.sends: List[Tuple[object, torch.Tensor]] = []
+        self.outbox: Dict[Message, torch.Tensor] = {}
+        self.stats = StepStats()
+        self.tracer = _Tracer(self.rank) if ex.trace else None
+        self.dim = self.model.args.dim
+        self.cur_comm = None
+
+    # -- p2p -----------------------------------------------------------------------------
+    def _shape(self, mb: int):
+        return (self.mbs[mb].shape[0], self.pos.numel(), self.dim)
+
+    def _post(self, msg: Message) -> None:
+        buf = torch.empty(self._shape(msg.mb), dtype=self.ex.act_dtype)
+        work = dist.irecv(buf, src=self.ex.peers[msg.src], tag=P2P_TAG)
+        self.posted[msg] = (work, buf)
+
+    def _wait(self, msg: Message) -> torch.Tensor:
+        work, buf = self.posted.pop(msg)
+        t0 = time.time()
+        work.wait()
+        t1 = time.time()
+        self.stats.comm_wait_s += t1 - t0
+        if self.tracer is not None:
+            self.tracer.piece(f"wait {msg.kind}{msg.mb}", "wait", t0, t1)
+        return buf
+
+    def _send(self, msg: Message, t: torch.Tensor) -> None:
+        t = t.detach()
+        if t.dtype != self.ex.act_dtype:
+            raise RuntimeError(f"stage output dtype {t.dtype} differs from the P2P dtype "
+                               f"{self.ex.act_dtype}")
+        t = t.contiguous()
+        work = dist.isend(t, dst=self.ex.peers[msg.dst], tag=P2P_TAG)
+        self.sends.append((work, t))
+
+    def _find(self, msgs, kind: str, mb: int, chunk: int, local_side: str) -> Optional[Message]:
+        for m in msgs:
+            c = m.dst_chunk if local_side == "dst" else m.src_chunk
+            if m.kind == kind and m.mb == mb and c == chunk:
+                return m
+        return None
+
+    # -- inputs / outputs of a stage -------------------------------------------------------
+    def _forward_input(self, mb: int, chunk: int) -> Optional[torch.Tensor]:
+        if self.sched.is_first(self.rank, chunk):
+            return None
+        prev = self.sched.prev_of(self.rank, chunk)
+        if prev[0] == self.rank:  # V turn: same rank, other chunk
+            x = self.local_act.pop((mb, chunk))
+        else:
+            msg = self._find(self.cur_comm.recvs, "act", mb, chunk, "dst")
+            if msg is None:
+                raise RuntimeError(f"rank {self.rank}: F{mb}.{chunk} has no planned receive")
+            x = self._wait(msg)
+        return x.detach().requires_grad_()
+
+    def _emit_output(self, mb: int, chunk: int, tape: Tape) -> None:
+        if self.sched.is_last(self.rank, chunk):
+            return
+        nxt = self.sched.next_of(self.rank, chunk)
+        out = tape.output.detach()
+        if nxt[0] == self.rank:
+            self.local_act[(mb, nxt[1])] = out
+        else:
+            msg = self._find(self.cur_comm.sends, "act", mb, chunk, "src")
+            self._send(msg, out)
+
+    def _grad_input(self, mb: int, chunk: int) -> Optional[torch.Tensor]:
+        if self.sched.is_last(self.rank, chunk):
+            return None
+        nxt = self.sched.next_of(self.rank, chunk)
+        if nxt[0] == self.rank:
+            return self.local_grad.pop((mb, chunk))
+        msg = self._find(self.cur_comm.recvs, "grad", mb, chunk, "dst")
+        if msg is None:
+            raise RuntimeError(f"rank {self.rank}: B{mb}.{chunk} has no planned receive")
+        return self._wait(msg)
+
+    def _emit_grad(self, mb: int, chunk: int, tape: Tape) -> None:
+        if self.sched.is_first(self.rank, chunk):
+            return
+        prev = self.sched.prev_of(self.rank, chunk)
+        g = tape.input_grad()
+        if prev[0] == self.rank:
+            self.local_grad[(mb, prev[1])] = g.detach()
+        else:
+            msg = self._find(self.cur_comm.sends, "grad", mb, chunk, "src")
+            self._send(msg, g)
+
+    # -- computations ----------------------------------------------------------------------
+    def _make_tape(self, mb: int, chunk: int) -> Tape:
+        stage = self.model.stages[chunk]
+        x = self._forward_input(mb, chunk)
+        env = {} if x is None else {"h": x}
+        pieces = build_stage_pieces(stage, self.model, self.mbs[mb], self.pos, self.scale)
+        tape = Tape(pieces, env, tracer=self.tracer, label=f"{mb}.{chunk}")
+        self.tapes[(mb, chunk)] = tape
+        return tape
+
+    def _collect(self, mb: int, tape: Tape) -> None:
+        if "ce" in tape.metrics:
+            self.stats.ce[mb] = tape.metrics["ce"]
+            self.stats.mtp[mb] = tape.metrics["mtp"]
+        for gi, v in tape.balance.items():
+            self.stats.balance[(mb, gi)] = v
+        if tape.counts:
+            n = len(self.model.moe_global_index)
+            if self.stats.counts is None:
+                E = next(iter(tape.counts.values())).numel()
+                self.stats.counts = torch.zeros(n, E, dtype=torch.long)
+            for li, c in tape.counts.items():
+                self.stats.counts[li] += c.to(torch.long)
+
+    def _ctx(self):
+        return self.autocast() if self.autocast is not None else _null()
+
+    def forward(self, mb: int, chunk: int) -> None:
+        tape = self._make_tape(mb, chunk)
+        with self._ctx():
+            tape.run_forward()
+        self._collect(mb, tape)
+        self._emit_output(mb, chunk, tape)
+
+    def backward(self, mb: int, chunk: int, weights_now: bool) -> None:
+        tape = self.tapes.pop((mb, chunk))
+        grad = self._grad_input(mb, chunk)
+        closures: list = []
+        for _, sink in tape.backward_steps(grad, self.ex.store):
+            closures.extend(sink)
+        self._emit_grad(mb, chunk, tape)
+        if weights_now:
+            run_closures(closures)
+        else:
+            self.wqueue[(mb, chunk)] = closures
+
+    def weights(self, mb: int, chunk: int) -> None:
+        run_closures(self.wqueue.pop((mb, chunk)))
+
+    def fb(self, act: Action) -> None:
+        f_mb, f_chunk, b_mb, b_chunk = act.mb, act.chunk, act.b_mb, act.b_chunk
+        b_tape = self.tapes.pop((b_mb, b_chunk))
+        f_tape = self._make_tape(f_mb, f_chunk)
+        fn = run_overlapped if self.ex.overlap else run_sequential
+        fn(f_tape, b_tape, lambda: self._grad_input(b_mb, b_chunk), self.ex.store,
+           lambda: self._emit_output(f_mb, f_chunk, f_tape), tracer=self.tracer, fwd_ctx=self._ctx)
+        self._collect(f_mb, f_tape)
+        self._emit_grad(b_mb, b_chunk, b_tape)
+
+    def run_action(self, idx: int, act: Action) -> None:
+        comm = self.ex.plan[idx]
+        self.cur_comm = comm
+        for msg in comm.posts:
+            self._post(msg)
+        t0 = time.time()
+        if act.kind == "F":
+            self.forward(act.mb, act.chunk)
+        elif act.kind == "B":
+            self.backward(act.mb, act.chunk, weights_now=False)
+        elif act.kind == "BW":
+            self.backward(act.mb, act.chunk, weights_now=True)
+        elif act.kind == "W":
+            self.weights(act.mb, act.chunk)
+        elif act.kind == "FB":
+            self.fb(act)
+        else:  # pragma: no cover - Action validates kinds
+            raise ValueError(act.kind)
+        if self.tracer is not None:
+            self.tracer.action(act, t0, time.time())
+
+    def finish(self) -> None:
+        for work, _ in self.sends:
+            work.wait()
+        self.sends.clear()
+        left = [k for k in (self.tapes, self.wqueue, self.local_act, self.local_grad, self.posted) if k]
+        if left:
+            raise RuntimeError(f"rank {self.rank}: step ended with unconsumed state {left}")
+
+    def release(self) -> None:
+        self.tapes.clear()
+        self.wqueue.clear()
+        self.outbox.clear()
+
+
+@contextmanager
+def _null():
+    yield
+
+
+# ====================================================================== collective recorder
+_RECORDED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+             "all_to_all_single", "all_to_all", "broadcast", "barrier", "all_gather_object",
+             "isend", "irecv", "send", "recv", "reduce_scatter")
+
+
+def _group_ranks(group) -> Tuple[int, ...]:
+    if group is None or group is dist.group.WORLD:
+        return tuple(range(dist.get_world_size()))
+    return tuple(dist.get_process_group_ranks(group))
+
+
+@contextmanager
+def record_collectives(log: list):
+    """Append ``(op, group ranks, detail)`` to ``log`` for every torch.distributed collective /
+    P2P call made inside the block (this process only).  ``detail`` is the element count for
+    size-matched collectives, the peer and shape for P2P, ``None`` for all-to-alls (their
+    sizes legitimately differ per rank)."""
+    originals = {n: getattr(dist, n) for n in _RECORDED if hasattr(dist, n)}
+
+    def wrap(name, fn):
+        def inner(*a, **k):
+            group = k.get("group")
+            detail = None
+            if name in ("isend", "irecv", "send", "recv"):
+                t = a[0] if a else k["tensor"]
+                peer = k.get("dst", k.get("src")) if len(a) < 2 else a[1]
+                detail = (int(peer), tuple(t.shape), str(t.dtype))
+                group = None
+            elif name in ("all_reduce", "broadcast"):
+                t = a[0] if a else k["tensor"]
+                detail = int(t.numel())
+                if group is None and len(a) > 2:
+                    group = a[2]
+            elif name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+                detail = int(a[0].numel()) if a else None
+                if group is None and len(a) > 3:
+                    group = a[3]
+            log.append((name, _group_ranks(group), detail))
+            return fn(*a, **k)
+
+        return inner
+
+    for n, fn in originals.items():
+        setattr(dist, n, wrap(n, fn))
+    try:
+        yield log
+    finally:
+        for n, fn in originals.items():
+            setattr(dist, n, fn)
+
+
+def check_collective_order(logs: Sequence[list]) -> None:
+    """Raise AssertionError unless, for every group, each member's sequence of collectives
+    on it is identical, and every P2P link's sends match the receives in order and shape.
+    ``logs[r]`` is the ``record_collectives`` log of global rank r."""
+    per_group: Dict[Tuple[int, ...], Dict[int, list]] = {}
+    sends: Dict[Tuple[int, int], list] = {}
+    recvs: Dict[Tuple[int, int], list] = {}
+    for r, log in enumerate(logs):
+        for name, ranks, detail in log:
+            if name in ("isend", "send"):
+                sends.setdefault((r, detail[0]), []).append(detail[1:])
+            elif name in ("irecv", "recv"):
+                recvs.setdefault((detail[0], r), []).append(detail[1:])
+            else:
+                per_group.setdefault(ranks, {}).setdefault(r, []).append((name, detail))
+    for ranks, seqs in per_group.items():
+        members = [r for r in ranks if r < len(logs)]
+        ref = seqs.get(members[0], [])
+        for r in members[1:]:
+            got = seqs.get(r, [])
+            if got != ref:
+                i = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+                raise AssertionError(f"group {ranks}: rank {members[0]} and rank {r} differ at collective "
+                                     f"{i}: {ref[i] if i < len(ref) else None} vs "
+                                     f"{got[i] if i < len(got) else None}")
+    for link in set(sends) | set(recvs):
+        if sends.get(link, []) != recvs.get(link, []):
+            raise AssertionError(f"P2P link {link}: sends {sends.get(link)} != receives {recvs.get(link)}")
