@@ -61,7 +61,10 @@ class DistributedRuntime(Runtime):
         if self.dims.ep > 1:
             from hai_llm.parallel.expert import apply_expert_parallel
 
-            apply_expert_parallel(model, self.mesh, transport=self.cfg.parallel.transport)
+            # under the FP8 recipe the dispatch payload crosses the links in FP8 (power-of-2
+            # scales per 128 channels), as in the paper; combine stays in the compute dtype
+            apply_expert_parallel(model, self.mesh, transport=self.cfg.parallel.transport,
+                                  fp8_dispatch=self.cfg.train.precision == "fp8")
         return model
 
     def positions(self, seq_len: int, device):

@@ -212,10 +212,17 @@ def _experts_forward(self: GroupedExperts, x_RD: torch.Tensor, counts_E: torch.T
 
 def install_weight_grad_split(model: nn.Module, store: WeightGradStore) -> int:
     """Route the GEMMs of every plain ``nn.Linear`` / ``GroupedExperts`` of ``model`` through
-    the deferring autograd functions; returns the number of modules patched.  FP8 subclasses
-    (own autograd) are left alone: their weight gradients are computed in B."""
+    the deferring autograd functions; returns the number of modules patched.  FP8 modules
+    have their own autograd and take the store through their ``wgrad_store`` hook, so their
+    Wgrad GEMMs are deferred to the W steps as well."""
+    from hai_llm.fp8 import Fp8GroupedExperts, Fp8Linear
+
     n = 0
     for m in model.modules():
+        if isinstance(m, (Fp8Linear, Fp8GroupedExperts)):
+            m.wgrad_store = store
+            n += 1
+            continue
         if type(m) is nn.Linear:
             m._wgrad_store = store
             m.forward = types.MethodType(_linear_forward, m)

@@ -178,7 +178,8 @@ class PipelineRuntime(DistributedRuntime):
             from hai_llm.parallel.expert import apply_expert_parallel
 
             self.transport = apply_expert_parallel(pm, self.mesh, transport=self.cfg.parallel.transport,
-                                                   link=self.link)
+                                                   link=self.link,
+                                                   fp8_dispatch=self.cfg.train.precision == "fp8")
         store = WeightGradStore()
         install_weight_grad_split(pm, store)
         act_dtype = next(pm.parameters()).dtype
