@@ -31,6 +31,7 @@ returned :class:`CommHandle` yields the result.  Every payload exchange is recor
 """
 from __future__ import annotations
 
+import abc
 import math
 import time
 from dataclasses import dataclass
@@ -303,7 +304,7 @@ class HierPlan(_Plan):
 
 
 # ------------------------------------------------------------------------------ transports
-class Transport:
+class Transport(abc.ABC):
     """Common part: EP layout, node map, stats, link model, token gather/combine primitives.
 
     ``ep_ranks``: global ranks of this rank's EP group in EP order.  EP rank ``p`` hosts experts
@@ -383,8 +384,9 @@ class Transport:
         return rows, (rest[0] if has_aux else None)
 
     # -- public API ----------------------------------------------------------------------
+    @abc.abstractmethod
     def plan(self, idx_TK: torch.Tensor, n_experts: int) -> _Plan:
-        raise NotImplementedError
+        """Exchange counts and build the send/receive layout of one routing decision."""
 
     def scatter_async(self, plan: _Plan, x_TD: torch.Tensor, slot_aux: torch.Tensor | None = None,
                       quant_fp8: bool = False, op: str = "dispatch") -> CommHandle:
@@ -403,11 +405,13 @@ class Transport:
         self.stats.add(op, calls=1, tokens=plan.n_tokens)
         return CommHandle(self, self._gather(plan, rows_RD, row_aux, op))
 
-    def _scatter(self, plan, x, slot_aux, quant_fp8, op):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _scatter(self, plan, x, slot_aux, quant_fp8, op):
+        """Generator issuing the dispatch-shaped collectives (see CommHandle)."""
 
-    def _gather(self, plan, rows, row_aux, op):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _gather(self, plan, rows, row_aux, op):
+        """Generator issuing the combine-shaped collectives (see CommHandle)."""
 
 
 class FlatTransport(Transport):
