@@ -42,7 +42,7 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.50"],
+        "test": ["pytest>=7", "transformers>=5.23"],
     },
     entry_points={
         "console_scripts": [

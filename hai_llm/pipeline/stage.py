@@ -200,9 +200,7 @@ class PipelineModel(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def rope(self, pos_S: torch.Tensor) -> Rope:
-        if int(pos_S.max()) >= self.args.max_seq_len:
-            raise ValueError(f"position {int(pos_S.max())} exceeds model max_seq_len={self.args.max_seq_len}")
-        return Rope(self.rope_cos[pos_S], self.rope_sin[pos_S], pos_S)
+        return Transformer.rope(self, pos_S)  # same tables and bound check as the full model
 
     def pop_moe_stats(self) -> list[MoEStats]:
         return Transformer.pop_moe_stats(self)

@@ -2,10 +2,11 @@
 
 DCP stores every tensor by its fully-qualified name with its global shape, so a run saved
 under one parallel layout can be loaded under another (parameters and optimizer state
-alike; the ZeRO-1 optimizer describes its shards in global coordinates). Atomicity: every rank writes into ``step_XXXXXXXX.tmp``; once all have finished,
-rank 0 renames the folder to ``step_XXXXXXXX`` and then replaces the ``latest`` pointer
-file (write temp + os.replace). A crash at any moment leaves either the previous or the
-new checkpoint, never a half-written one that resume would pick up.
+alike; the ZeRO-1 optimizer describes its shards in global coordinates). Atomicity: every
+rank writes into ``step_<N>.tmp``; once all have finished, rank 0 renames the folder to
+``step_<N>`` and then replaces the ``latest`` pointer file (write temp + os.replace). A
+crash at any moment leaves either the previous or the new checkpoint, never a
+half-written one that resume would pick up.
 """
 from __future__ import annotations
 
