@@ -232,3 +232,19 @@ class MoE(nn.Module):
     def reset_parameters(self, std: float) -> None:
         self.gate.reset_parameters(std)
         self.experts.reset_parameters(std)
+
+
+def expert_parameter_names(model: nn.Module) -> set[str]:
+    """Fully-qualified names of the routed-expert parameters of ``model``.
+
+    The one marker of an expert parameter is its owner: a :class:`GroupedExperts` (or a
+    subclass such as the FP8 one). Expert parallelism slices exactly these along dim 0, ZeRO
+    reduces them over their expert-data-parallel replicas, and parameter tables count them
+    as routed; nothing else decides by name.
+    """
+    names = set()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, GroupedExperts):
+            for pname, _ in mod.named_parameters(recurse=False):
+                names.add(f"{mname}.{pname}" if mname else pname)
+    return names
