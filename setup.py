@@ -6,18 +6,23 @@ unrelated top-level package in a user's environment.
 """
 from setuptools import setup
 
-PACKAGES = [
+PACKAGES = [  # listed in import order: each imports only packages above it
     "hai_llm",
     "hai_llm.model",
-    "hai_llm.data",
-    "hai_llm.train",
+    "hai_llm.config",
+    "hai_llm.layout",
+    "hai_llm.optim",
+    "hai_llm.kernels",
+    "hai_llm.fp8",
     "hai_llm.parallel",
     "hai_llm.pipeline",
-    "hai_llm.fp8",
+    "hai_llm.runtime",
     "hai_llm.checkpoint",
-    "hai_llm.config",
+    "hai_llm.data",
+    "hai_llm.train",
+    "hai_llm.planner",
+    "hai_llm.interop",
     "hai_llm.launch",
-    "hai_llm.kernels",
 ]
 
 setup(

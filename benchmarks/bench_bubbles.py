@@ -23,7 +23,7 @@ import time
 from typing import List, Sequence
 
 from hai_llm.pipeline.gantt import save_gantt, write_chrome_trace
-from hai_llm.pipeline.schedules import DualPipe, DualPipeV, OneFOneB, ZB1P
+from hai_llm.layout.schedules import DualPipe, DualPipeV, OneFOneB, ZB1P
 from hai_llm.pipeline.simulator import (Costs, check_schedule, formula_activations, formula_bubble,
                                         simulate)
 

@@ -78,11 +78,12 @@ def overlap_body(rank: int, world: int, cfgs: list, variants: list, rounds: int,
 
     from hai_llm.model.transformer import build_model
     from hai_llm.parallel.transport import LinkModel
-    from hai_llm.pipeline.runtime import PipelineRuntime, pipeline_dims
+    from hai_llm.layout import build_layout
+    from hai_llm.runtime.pipeline import PipelineRuntime
 
     runs = []
     for cfg, (schedule, overlap) in zip(cfgs, variants):
-        rt = PipelineRuntime(cfg, pipeline_dims(cfg, world), overlap=overlap)
+        rt = PipelineRuntime(cfg, build_layout(cfg, world), overlap=overlap)
         pm = rt.prepare_model(build_model(cfg.model, device="cpu", seed=cfg.train.seed))
         runs.append((rt, pm, _tokens(cfg, rt.dp_rank)))
     has_ep = runs[0][0].transport is not None
@@ -201,9 +202,10 @@ def torch_body(rank: int, world: int, cases: list) -> list:
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import ScheduleDualPipeV, ScheduleZBVZeroBubble
 
+    from hai_llm.layout import build_layout
     from hai_llm.model.transformer import build_model
-    from hai_llm.pipeline.runtime import PipelineRuntime, pipeline_dims
     from hai_llm.pipeline.stage import build_pipeline_model
+    from hai_llm.runtime.pipeline import PipelineRuntime
 
     out = []
     for cfg, which, steps in cases:
@@ -213,9 +215,9 @@ def torch_body(rank: int, world: int, cases: list) -> list:
         S = cfg.data.seq_len
         rss0 = _rss_mb()
         times = []
+        layout = build_layout(cfg, world)
         if which == "ours":
-            dims = pipeline_dims(cfg, world)
-            rt = PipelineRuntime(cfg, dims)
+            rt = PipelineRuntime(cfg, layout)
             pm = rt.prepare_model(full)
             for s in range(steps + 1):
                 pm.zero_grad(set_to_none=True)
@@ -227,10 +229,8 @@ def torch_body(rank: int, world: int, cases: list) -> list:
                     times.append(time.perf_counter() - t0)
             grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
         else:
-            from hai_llm.pipeline.schedules import DualPipeV
-
-            sched = DualPipeV(world, n_micro)
-            pm = build_pipeline_model(full, sched, rank)
+            sched = layout.schedule  # DualPipeV: the configs of this part use it
+            pm = build_pipeline_model(full, sched, rank, layout.stages)
             pos = torch.arange(S)
             stages = [PipelineStage(_TorchStage(pm.stages[c], pm, pos), sched.stage_of(rank, c),
                                     2 * world, torch.device("cpu")) for c in range(2)]
@@ -268,23 +268,25 @@ def torch_timing_body(rank: int, world: int, cfg, rounds: int) -> dict:
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import ScheduleDualPipeV, ScheduleZBVZeroBubble
 
+    from hai_llm.layout import build_layout
     from hai_llm.model.transformer import build_model
-    from hai_llm.pipeline.runtime import PipelineRuntime, pipeline_dims
-    from hai_llm.pipeline.schedules import DualPipeV
     from hai_llm.pipeline.stage import build_pipeline_model
+    from hai_llm.runtime.pipeline import PipelineRuntime
 
     n_micro, S = cfg.parallel.n_micro, cfg.data.seq_len
     batch = _tokens(cfg, 0)
-    rt = PipelineRuntime(cfg, pipeline_dims(cfg, world))
+    layout = build_layout(cfg, world)
+    rt = PipelineRuntime(cfg, layout)
     ours = rt.prepare_model(build_model(cfg.model, device="cpu", seed=cfg.train.seed))
 
     def loss_fn(logits, tokens):
         return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:S + 1].flatten())
 
     impls = {"ours": None}
-    sched = DualPipeV(world, n_micro)
+    sched = layout.schedule  # DualPipeV
     for name, cls in (("torch-dualpipev", ScheduleDualPipeV), ("torch-zbv", ScheduleZBVZeroBubble)):
-        pm = build_pipeline_model(build_model(cfg.model, device="cpu", seed=cfg.train.seed), sched, rank)
+        pm = build_pipeline_model(build_model(cfg.model, device="cpu", seed=cfg.train.seed), sched, rank,
+                                  layout.stages)
         stages = [PipelineStage(_TorchStage(pm.stages[c], pm, torch.arange(S)), sched.stage_of(rank, c),
                                 2 * world, torch.device("cpu")) for c in range(2)]
         impls[name] = (pm, cls(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=True))

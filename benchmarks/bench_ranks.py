@@ -25,10 +25,11 @@ LAYOUTS = {1: dict(nprocs=1), 2: dict(nprocs=2, dp=2), 4: dict(nprocs=4, dp=2, s
 def bench_rank(rank: int, world: int, cfg: Config) -> dict:
     import resource
 
-    from hai_llm.parallel.runtime import DistributedRuntime, dims_from_config
+    from hai_llm.layout import build_layout
+    from hai_llm.runtime import build_runtime
     from hai_llm.train.trainer import Trainer
 
-    rt = DistributedRuntime(cfg, dims_from_config(cfg, world)) if world > 1 else None
+    rt = build_runtime(cfg, build_layout(cfg, world)) if world > 1 else None
     t = Trainer(cfg, runtime=rt)
     import time
 

@@ -85,7 +85,7 @@ def load_variant(variant: str, ckpt: str):
     import torch
 
     if variant == "ours":
-        from hai_llm.checkpoint.hf import args_from_hf_config, load_hf_checkpoint
+        from hai_llm.interop.hf import args_from_hf_config, load_hf_checkpoint
         from hai_llm.model.transformer import build_model
 
         model = build_model(args_from_hf_config(ckpt), device="cpu")
@@ -169,7 +169,7 @@ def main() -> None:
     import torch
 
     import transformers
-    from hai_llm.checkpoint.hf import save_hf_checkpoint
+    from hai_llm.interop.hf import save_hf_checkpoint
     from hai_llm.model.transformer import build_model
 
     args = model_args(a)

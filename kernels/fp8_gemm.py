@@ -1,4 +1,5 @@
-"""Block-scaled FP8 GEMM: the three GEMMs of an FP8 Linear (REFERENCE.md section 3).
+"""Block-scaled FP8 GEMM: the three GEMMs of an FP8 Linear (docs/deepseek_v3.md; arXiv:2412.19437,
+section 3.3).
 
 One kernel computes ``C[M, N] = sum_k A[m, k] * B[n, k]`` where both operands are E4M3 with
 float32 scales. Along the reduction dim K every scale covers 128 elements; along its other dim
@@ -30,7 +31,24 @@ x [T, K], W [N, K]:
 ``fp8_linear_fprop`` / ``fp8_linear_dgrad`` / ``fp8_linear_wgrad`` name these cases.
 ``fp8_gemm_ref`` is the same per-K-block math in torch; the grouped MoE GEMM reuses both the
 Triton main loop and ``blockwise_scaled_mm_ref``.
+
+Operand layout on the GPU: Hopper's FP8 wgmma reads both operands K-major (the reduction dim
+contiguous) from shared memory. The kernel is therefore always launched on K-major operands: a
+``*_transposed`` operand is copied to K-major by the wrapper (an FP8 copy, 1 byte per element)
+before the launch. The FP8 modules avoid even that copy by quantizing straight into the K-major
+layout (``weight_quant(..., transpose=True)`` for Dgrad, ``act_quant_colwise(...,
+transpose=True)`` for Wgrad) and calling ``fp8_gemm`` without flags. Same codes, same scales,
+same per-128 K steps: the results are identical to the strided reading.
+
+Launch configuration: one deterministic tile config per shape (``heuristic_meta``) by default, so
+every rank compiles the same kernel and no step times configs; ``HAI_LLM_AUTOTUNE=1`` autotunes
+over ``GPU_CONFIGS`` instead, with Triton's on-disk result cache when available
+(``hai_llm.kernels.policy``). The CPU interpreter always uses ``INTERPRET_META``.
+
+NaN and infinities propagate: a non-finite input tile has a NaN scale (``fp8_quant``), and every
+partial product is multiplied by both scales, so each output it touches is NaN on every backend.
 """
+import functools
 import os
 
 import torch
@@ -38,12 +56,13 @@ import triton
 import triton.language as tl
 
 from hai_llm.kernels.fp8_quant import FP8_DTYPE, check_triton_runnable, default_use_triton
+from hai_llm.kernels.policy import autotune, autotune_enabled, resolve_use_triton
 
 SCALE_BLOCK = 128  # K extent of every scale; the kernels' BLOCK_K is pinned to it
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 __all__ = ["SCALE_BLOCK", "default_use_triton", "fp8_gemm", "fp8_gemm_ref", "fp8_linear_fprop",
-           "fp8_linear_dgrad", "fp8_linear_wgrad", "blockwise_scaled_mm_ref"]
+           "fp8_linear_dgrad", "fp8_linear_wgrad", "blockwise_scaled_mm_ref", "heuristic_meta"]
 
 # Hopper-oriented autotuning space (H800/H100: 228 KB shared memory; a 128x256 tile with 4
 # stages of 128-deep FP8 operands uses 4 * (16 + 32) KB = 192 KB).
@@ -56,10 +75,46 @@ GPU_CONFIGS = [
 # small enough that ragged test shapes still span several tiles.
 INTERPRET_META = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": SCALE_BLOCK}
 
+# The default (non-autotuned) choices, both in GPU_CONFIGS. 128x128 with 8 warps: two warpgroups
+# of 64x128, i.e. 64 fp32 registers per thread for the accumulator plus 64 for the fresh per-block
+# dot of the promotion step. 128x256 tiles would need 256 such registers per thread and spill.
+# 64x128 (one warpgroup) when the 128x128 grid would leave streaming multiprocessors idle.
+_TILE_LARGE = (128, 128, 8, 3)  # BLOCK_M, BLOCK_N, num_warps, num_stages
+_TILE_SMALL = (64, 128, 4, 4)
+_DEFAULT_SMS = 132  # H100 / H800 / H200 SXM
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU interpreter (read at call time, not import)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached; no device synchronisation)."""
+    if device.type != "cuda":
+        return _DEFAULT_SMS
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def heuristic_meta(m: int, n: int, sms: int, extra_m_tiles: int = 0,
+                   small_m: bool = False) -> dict:
+    """The default launch config for an output of m x n (deterministic in the shape).
+
+    128x128 tiles unless their count (plus ``extra_m_tiles`` partial row tiles per N column, the
+    grouped GEMM's per-group remainders) is below ``sms``, or ``small_m`` asks for 64-row tiles
+    (grouped GEMM with fewer than 128 rows per group on average). Returns the kernel's
+    constexprs plus num_warps / num_stages.
+    """
+    bm, bn, warps, stages = _TILE_LARGE
+    if small_m or (triton.cdiv(m, bm) + extra_m_tiles) * triton.cdiv(n, bn) < sms:
+        bm, bn, warps, stages = _TILE_SMALL
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": SCALE_BLOCK, "num_warps": warps,
+            "num_stages": stages}
 
 
 @triton.jit
@@ -114,7 +169,8 @@ def _fp8_gemm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, M, N, K,
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_fp8_gemm_kernel_tuned = triton.autotune(
+# Only with HAI_LLM_AUTOTUNE=1 (module docstring).
+_fp8_gemm_kernel_tuned = autotune(
     GPU_CONFIGS, key=["M", "N", "K", "stride_ak", "stride_bk", "A_SCALE_ROWS", "B_SCALE_ROWS"]
 )(_fp8_gemm_kernel)
 
@@ -223,21 +279,43 @@ def fp8_gemm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scal
 # ----------------------------------------------------------------------------------------------
 
 
+def to_k_major(t: torch.Tensor, s: torch.Tensor, transposed: bool):
+    """(data [rows, K], scale [rows or ceil(rows/128), ceil(K/128)]), both contiguous, from an
+    operand in storage layout: a transposed one is copied (FP8, 1 byte per element)."""
+    if transposed:
+        return t.t().contiguous(), s.t().contiguous()
+    return t, s
+
+
+def launch_meta(m: int, n: int, device: torch.device, matrices: int = 1,
+                **heuristic) -> dict | None:
+    """Launch config of the FP8 GEMM kernels: the interpreter's pinned tile, None to autotune
+    (HAI_LLM_AUTOTUNE=1), else ``heuristic_meta`` for the device (``matrices`` outputs of
+    m x n share its multiprocessors)."""
+    if interpreting():
+        return INTERPRET_META
+    if autotune_enabled():
+        return None
+    return heuristic_meta(m, n, -(-sm_count(device) // max(1, matrices)), **heuristic)
+
+
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, *,
-             use_triton: bool, a_transposed: bool = False, b_transposed: bool = False,
-             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+             use_triton: bool | None = None, a_transposed: bool = False,
+             b_transposed: bool = False, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """C[M, N] = A[M, K] @ B[N, K]^T with block-scaled FP8 operands (layouts: module docstring).
 
     Accumulates in FP32, applying both scales once per 128-wide K step. M, N, K need not be
-    multiples of 128. Returns a new contiguous [M, N] tensor of ``out_dtype``.
+    multiples of 128. Returns a new contiguous [M, N] tensor of ``out_dtype``. The Triton path
+    always runs on K-major operands (a transposed operand is copied first).
+    ``use_triton=None``: Triton exactly for CUDA tensors.
     """
-    m, k, a_gran, (s_am, s_ak), (s_sam, s_sak) = _operand("a", a, a_scale, a_transposed, "M")
-    n, k_b, b_gran, (s_bn, s_bk), (s_sbn, s_sbk) = _operand("b", b, b_scale, b_transposed, "N")
+    m, k, a_gran, _, _ = _operand("a", a, a_scale, a_transposed, "M")
+    n, k_b, b_gran, _, _ = _operand("b", b, b_scale, b_transposed, "N")
     if k != k_b:
         raise ValueError(f"a and b disagree on the reduction dim K: a has K={k}, b has K={k_b} "
                          f"(check the *_transposed flags)")
     check_out_dtype(out_dtype)
-    if not use_triton:
+    if not resolve_use_triton(use_triton, a):
         return fp8_gemm_ref(a, a_scale, b, b_scale, a_transposed=a_transposed,
                             b_transposed=b_transposed, out_dtype=out_dtype)
     check_triton_runnable(a, a_scale, b, b_scale)
@@ -246,37 +324,53 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
         return c
     if k == 0:
         return c.zero_()
-    args = (a, a_scale, b, b_scale, c, m, n, k, s_am, s_ak, s_sam, s_sak,
-            s_bn, s_bk, s_sbn, s_sbk, c.stride(0), c.stride(1))
-    if interpreting():
-        meta = INTERPRET_META
-        grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
-        _fp8_gemm_kernel[grid](*args, A_SCALE_ROWS=a_gran, B_SCALE_ROWS=b_gran, **meta)
-    else:
+    a, a_scale = to_k_major(a, a_scale, a_transposed)
+    b, b_scale = to_k_major(b, b_scale, b_transposed)
+    args = (a, a_scale, b, b_scale, c, m, n, k, a.stride(0), a.stride(1), a_scale.stride(0),
+            a_scale.stride(1), b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1),
+            c.stride(0), c.stride(1))
+    meta = launch_meta(m, n, a.device)
+    if meta is None:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
         _fp8_gemm_kernel_tuned[grid](*args, A_SCALE_ROWS=a_gran, B_SCALE_ROWS=b_gran)
+    else:
+        grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+        _fp8_gemm_kernel[grid](*args, A_SCALE_ROWS=a_gran, B_SCALE_ROWS=b_gran, **meta)
     return c
 
 
 def fp8_linear_fprop(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor,
-                     w_scale: torch.Tensor, *, use_triton: bool,
+                     w_scale: torch.Tensor, *, use_triton: bool | None = None,
                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """y [T, N] = x @ W^T; x [T, K] with 1x128 scales [T, ceil(K/128)], W [N, K] 128x128-blocked."""
     return fp8_gemm(x, x_scale, w, w_scale, use_triton=use_triton, out_dtype=out_dtype)
 
 
 def fp8_linear_dgrad(dy: torch.Tensor, dy_scale: torch.Tensor, w: torch.Tensor,
-                     w_scale: torch.Tensor, *, use_triton: bool,
-                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """dx [T, K] = dy @ W; dy [T, N] with 1x128 scales, W [N, K] as quantized for Fprop."""
+                     w_scale: torch.Tensor, *, use_triton: bool | None = None,
+                     out_dtype: torch.dtype = torch.float32,
+                     w_transposed: bool = False) -> torch.Tensor:
+    """dx [T, K] = dy @ W; dy [T, N] with 1x128 scales, W [N, K] as quantized for Fprop.
+
+    ``w_transposed=True``: w is already W^T [K, N] with scales [ceil(K/128), ceil(N/128)]
+    (``weight_quant(W, transpose=True)``), the K-major operand: no copy before the launch."""
+    if w_transposed:
+        return fp8_gemm(dy, dy_scale, w, w_scale, use_triton=use_triton, out_dtype=out_dtype)
     return fp8_gemm(dy, dy_scale, w, w_scale, use_triton=use_triton, b_transposed=True,
                     out_dtype=out_dtype)
 
 
 def fp8_linear_wgrad(dy: torch.Tensor, dy_scale: torch.Tensor, x: torch.Tensor,
-                     x_scale: torch.Tensor, *, use_triton: bool,
-                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """dW [N, K] = dy^T @ x; dy [T, N], x [T, K] quantized 128x1 (scales [ceil(T/128), N | K])."""
+                     x_scale: torch.Tensor, *, use_triton: bool | None = None,
+                     out_dtype: torch.dtype = torch.float32,
+                     transposed: bool = False) -> torch.Tensor:
+    """dW [N, K] = dy^T @ x; dy [T, N], x [T, K] quantized 128x1 (scales [ceil(T/128), N | K]).
+
+    ``transposed=True``: dy and x are given as dy^T [N, T] and x^T [K, T] with scales
+    [N | K, ceil(T/128)] (``act_quant_colwise(..., transpose=True)``), the K-major operands:
+    no copy before the launch."""
+    if transposed:
+        return fp8_gemm(dy, dy_scale, x, x_scale, use_triton=use_triton, out_dtype=out_dtype)
     return fp8_gemm(dy, dy_scale, x, x_scale, use_triton=use_triton, a_transposed=True,
                     b_transposed=True, out_dtype=out_dtype)

@@ -1,19 +1,32 @@
 """Data movement around the MoE all-to-all: gather tokens into send order, combine outputs back.
 
-Why this exists: expert parallelism (REFERENCE.md sections 2, 3 and 5) sends every token once per
-chosen expert, grouped by destination expert (and therefore by destination rank, because a rank
-holds a contiguous range of experts).  Before the dispatch all-to-all the rows must be gathered into
+Why this exists: expert parallelism (docs/deepseek_v3.md; arXiv:2412.19437) sends every token
+once per chosen expert, grouped by destination expert (and therefore by destination rank, because
+a rank holds a contiguous range of experts).  Before the dispatch all-to-all the rows must be gathered into
 that order, and the paper sends the dispatch payload in FP8 with power-of-2 scales per 1x128 tile,
 so the gather fuses that quantization (one pass over the activations instead of two).  After the
 combine all-to-all the expert outputs come back in the same order and must be weighted by the
 routing weights and summed per token; that sum is done in fp32 in a FIXED order (no atomics), so a
 run is bit-reproducible and the pure-torch reference reproduces it exactly.
 
-Public API (each takes an explicit ``use_triton`` flag; the ``*_ref`` functions are pure torch):
+Public API (the ``*_ref`` functions are pure torch):
 
-* ``routing_to_send_order(topk_idx, n_experts, experts_per_rank)`` -> ``SendOrder``
-* ``permute(x, src_index, out_rows=None, quant_fp8=False, block=128, use_triton=...)``
-* ``unpermute_combine(y, dst_index, weights, n_tokens, out_dtype=None, use_triton=...)``
+* ``routing_to_send_order(topk_idx, n_experts, experts_per_rank, check=None)`` -> ``SendOrder``
+* ``permute(x, src_index, out_rows=None, quant_fp8=False, block=128, use_triton=None,
+  check=None)``
+* ``unpermute_combine(y, dst_index, weights, n_tokens, out_dtype=None, use_triton=None,
+  check=None)``
+
+``use_triton=None`` picks the Triton kernels exactly for CUDA tensors and the references otherwise
+(``hai_llm.kernels.policy.resolve_use_triton``); True / False force one.
+
+No host synchronisation on the hot path: routing, permute and the Triton combine run on device
+tensors without reading them on the host (per-expert and per-token counts with ``scatter_add_``,
+not ``bincount``, whose CUDA kernel reads the maximum on the host). The index range checks
+(``src_index`` / ``dst_index`` in [-1, n), ``topk_idx`` in [0, n_experts)) are a host read each,
+so they run only with ``check=True`` or ``HAI_LLM_DEBUG_CHECKS=1`` (``hai_llm.kernels.policy``);
+shape, dtype and device checks always run. Only the reference combine reads one number on the
+host (the largest number of rows per token, its loop count).
 
 Index conventions: ``src_index[r] == -1`` makes output row r of ``permute`` a zero row (padding,
 e.g. to align an expert's group for a grouped GEMM), and ``dst_index[r] == -1`` makes
@@ -29,8 +42,10 @@ FP8 recipe (``quant_fp8=True``): per row and per ``block``-wide channel tile,
 (round to nearest even), dequantized as ``x_fp8.float() * scale``.  The kernel derives the exponent
 from the bits of ``amax`` (448 = 1.75 * 2**8, so ``e = E - 8 + (mantissa(amax) > 0.75)``), which is
 exact and needs no division or log; the reference evaluates the formula in float64.  Because the
-scale is a power of two, ``x / scale`` is exact and only the e4m3 cast rounds.  Non-finite inputs
-are not supported by the quantizer (their scale is meaningless).
+scale is a power of two, ``x / scale`` is exact and only the e4m3 cast rounds.  A tile holding a
+NaN or an infinity gets a NaN scale and NaN codes (0x7f), in the kernel (counted with comparisons:
+``tl.max`` drops NaN on a GPU) and in the reference alike, so a non-finite activation stays
+non-finite through an FP8 dispatch.
 
 Not differentiable through the Triton path (forward data movement only): the backward of
 ``permute`` is ``unpermute_combine`` with unit weights and vice versa, which the caller's
@@ -43,6 +58,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from hai_llm.kernels.policy import debug_checks, resolve_use_triton
 
 FP8_E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4
@@ -95,14 +112,23 @@ def _permute_kernel(x_ptr, idx_ptr, out_ptr, scale_ptr, R, OUT_ROWS, D, stride_x
     store_ok = row_ok[:, None] & col_ok[None, :]
     if QUANT:
         xf = x.to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4)
+        ax = tl.abs(xf)
+        # non-finite lanes counted with a comparison (False for NaN): tl.max drops NaN on a GPU
+        bad = tl.sum(tl.where(ax < float("inf"), 0, 1), axis=1) > 0
+        amax = tl.maximum(tl.max(ax, axis=1), 1e-4)
+        amax = tl.where(bad, 1.0, amax)  # keep the bit arithmetic below on finite values
         bits = amax.to(tl.int32, bitcast=True)
         # ceil(log2(amax / 448)) from the bits: amax = m * 2**E, 448 = 1.75 * 2**8.
         e = ((bits >> 23) & 0xFF) - 127 - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
         scale = ((e + 127) << 23).to(tl.float32, bitcast=True)
         inv_scale = ((127 - e) << 23).to(tl.float32, bitcast=True)
-        q = _round_to_e4m3(tl.clamp(xf * inv_scale[:, None], -448.0, 448.0))
-        tl.store(out_ptr + offs, q.to(tl.float8e4nv), mask=store_ok)
+        xs = tl.where(bad[:, None], 0.0, xf * inv_scale[:, None])
+        q = _round_to_e4m3(tl.clamp(xs, -448.0, 448.0)).to(tl.float8e4nv)
+        # a non-finite tile: NaN codes (written on the bits: the interpreter casts NaN to 384)
+        q = tl.where(bad[:, None], 0x7F, q.to(tl.int8, bitcast=True)).to(tl.float8e4nv,
+                                                                          bitcast=True)
+        scale = tl.where(bad, float("nan"), scale)
+        tl.store(out_ptr + offs, q, mask=store_ok)
         tl.store(scale_ptr + rows.to(tl.int64) * n_tiles + tl.program_id(1), scale, mask=row_ok)
     else:
         tl.store(out_ptr + offs, x, mask=store_ok)
@@ -139,7 +165,8 @@ def _combine_kernel(y_ptr, w_ptr, order_ptr, row_ptr_ptr, out_ptr, n_tokens, D, 
 # --------------------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------------------
-def _check_index(name: str, idx: torch.Tensor, length_name: str, upper: int, device) -> None:
+def _check_index(name: str, idx: torch.Tensor, length_name: str, upper: int, device,
+                 check: bool | None) -> None:
     if not isinstance(idx, torch.Tensor) or idx.dim() != 1:
         raise ValueError(f"{name} must be a 1-D integer tensor, got "
                          f"{getattr(idx, 'shape', type(idx))}")
@@ -147,8 +174,8 @@ def _check_index(name: str, idx: torch.Tensor, length_name: str, upper: int, dev
         raise ValueError(f"{name} must be int32 or int64, got {idx.dtype}; cast it with .long()")
     if idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but the data is on {device}; move it")
-    if idx.numel():
-        lo, hi = (int(v) for v in torch.aminmax(idx))  # one host sync
+    if idx.numel() and debug_checks(check):  # a host read: debug only (module docstring)
+        lo, hi = (int(v) for v in torch.aminmax(idx))
         if lo < -1 or hi >= upper:
             raise ValueError(f"{name} values must lie in [-1, {length_name}={upper}) "
                              f"(-1 = padding), got range [{lo}, {hi}]")
@@ -171,9 +198,11 @@ def _check_runnable(t: torch.Tensor) -> None:
 
 
 def _pow2_scale_ref(amax: torch.Tensor) -> torch.Tensor:
-    """2**ceil(log2(max(amax, 1e-4) / 448)) evaluated in float64, returned as float32."""
+    """2**ceil(log2(max(amax, 1e-4) / 448)) evaluated in float64, returned as float32; NaN for a
+    non-finite amax (a tile holding a NaN or an infinity)."""
     a = amax.double().clamp_min(AMAX_FLOOR)
-    return torch.exp2(torch.ceil(torch.log2(a / FP8_E4M3_MAX))).float()
+    s = torch.exp2(torch.ceil(torch.log2(a / FP8_E4M3_MAX))).float()
+    return torch.where(torch.isfinite(amax), s, torch.full_like(s, float("nan")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,8 +215,10 @@ def permute_ref(x: torch.Tensor, src_index: torch.Tensor, out_rows: int | None =
     out_rows = R if out_rows is None else out_rows
     idx = src_index.long()
     g = torch.zeros(out_rows, D, dtype=x.dtype, device=x.device)
-    valid = torch.nonzero(idx >= 0).flatten()
-    g[valid] = x[idx[valid]]
+    if R and x.shape[0]:  # no nonzero() / boolean indexing: nothing is read on the host
+        rows = x.index_select(0, idx.clamp_min(0))
+        g[:R] = torch.where((idx >= 0)[:, None], rows, torch.zeros((), dtype=x.dtype,
+                                                                    device=x.device))
     if not quant_fp8:
         return g
     n_tiles = triton.cdiv(D, block)
@@ -196,6 +227,7 @@ def permute_ref(x: torch.Tensor, src_index: torch.Tensor, out_rows: int | None =
     tiles = pad.view(out_rows, n_tiles, block)
     scale = _pow2_scale_ref(tiles.abs().amax(dim=2))
     q = (tiles / scale[:, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    q = torch.where(torch.isnan(q), float("nan"), q)  # one NaN code (0x7f), as the kernel
     return q.reshape(out_rows, n_tiles * block)[:, :D].to(torch.float8_e4m3fn), scale
 
 
@@ -206,16 +238,20 @@ def dequantize_ref(x_fp8: torch.Tensor, scales: torch.Tensor, block: int = 128) 
 
 
 def permute(x: torch.Tensor, src_index: torch.Tensor, out_rows: int | None = None,
-            quant_fp8: bool = False, block: int = 128, *, use_triton: bool):
+            quant_fp8: bool = False, block: int = 128, *, use_triton: bool | None = None,
+            check: bool | None = None):
     """Gather rows of x into send order: out[r] = x[src_index[r]] for r < len(src_index).
 
     ``src_index[r] == -1`` and rows ``len(src_index) <= r < out_rows`` are zero rows (padding).
     Returns out [out_rows, D] in x's dtype, or with ``quant_fp8`` the tuple
     (x_fp8 [out_rows, D] float8_e4m3fn, scales [out_rows, ceil(D / block)] float32).
+    ``use_triton=None``: Triton exactly for CUDA tensors. ``check``: verify the index range on
+    the host (default: ``HAI_LLM_DEBUG_CHECKS``); an index out of range is undefined otherwise.
     """
     _check_2d("x", x)
     T, D = x.shape
-    _check_index("src_index", src_index, "x.shape[0]", T, x.device)
+    use_triton = resolve_use_triton(use_triton, x)
+    _check_index("src_index", src_index, "x.shape[0]", T, x.device, check)
     R = src_index.numel()
     if out_rows is None:
         out_rows = R
@@ -247,11 +283,18 @@ def permute(x: torch.Tensor, src_index: torch.Tensor, out_rows: int | None = Non
 # --------------------------------------------------------------------------------------------------
 # unpermute_combine
 # --------------------------------------------------------------------------------------------------
+def _count(values: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 [n] histogram of values in [0, n) on their device: ``bincount`` without its host read
+    (CUDA bincount reads the maximum to size its output)."""
+    out = torch.zeros(n, dtype=torch.int64, device=values.device)
+    return out.scatter_add_(0, values.long(), torch.ones_like(values, dtype=torch.int64))
+
+
 def _csr_by_token(dst_index: torch.Tensor, n_tokens: int):
     """Rows grouped by token, increasing r inside a token (stable sort); -1 rows sort last."""
     key = torch.where(dst_index < 0, n_tokens, dst_index.long())
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=n_tokens + 1)[:n_tokens]
+    counts = _count(key, n_tokens + 1)[:n_tokens]
     row_ptr = torch.zeros(n_tokens + 1, dtype=torch.int64, device=dst_index.device)
     torch.cumsum(counts, 0, out=row_ptr[1:])
     return order, row_ptr
@@ -274,17 +317,20 @@ def unpermute_combine_ref(y: torch.Tensor, dst_index: torch.Tensor, weights: tor
 
 def unpermute_combine(y: torch.Tensor, dst_index: torch.Tensor, weights: torch.Tensor,
                       n_tokens: int, out_dtype: torch.dtype | None = None, *,
-                      use_triton: bool) -> torch.Tensor:
+                      use_triton: bool | None = None, check: bool | None = None) -> torch.Tensor:
     """out[t] = sum over rows r with dst_index[r] == t of weights[r] * y[r] (fp32, in order of r).
 
     Rows with ``dst_index == -1`` are ignored; tokens without rows get zeros.  The result has
     ``out_dtype`` (default y's dtype; float32 keeps the unrounded accumulator).
+    ``use_triton=None``: Triton exactly for CUDA tensors. ``check``: verify the index range on
+    the host (default: ``HAI_LLM_DEBUG_CHECKS``).
     """
     _check_2d("y", y)
     R, D = y.shape
     if not isinstance(n_tokens, int) or n_tokens < 0:
         raise ValueError(f"n_tokens must be a non-negative int, got {n_tokens}")
-    _check_index("dst_index", dst_index, "n_tokens", n_tokens, y.device)
+    use_triton = resolve_use_triton(use_triton, y)
+    _check_index("dst_index", dst_index, "n_tokens", n_tokens, y.device, check)
     if dst_index.numel() != R:
         raise ValueError(f"dst_index has {dst_index.numel()} entries but y has {R} rows; "
                          "pass one destination token per row of y")
@@ -297,7 +343,9 @@ def unpermute_combine(y: torch.Tensor, dst_index: torch.Tensor, weights: torch.T
     if out_dtype is not None and out_dtype not in (y.dtype, torch.float32):
         raise ValueError(f"out_dtype must be None, y.dtype ({y.dtype}) or torch.float32, "
                          f"got {out_dtype}")
-    if not use_triton or n_tokens == 0 or D == 0 or R == 0:  # R == 0: all zeros
+    if n_tokens == 0 or D == 0 or R == 0:  # nothing to sum: zeros (no reference, no host read)
+        return torch.zeros(n_tokens, D, dtype=out_dtype or y.dtype, device=y.device)
+    if not use_triton:
         return unpermute_combine_ref(y, dst_index, weights, n_tokens, out_dtype)
     _check_runnable(y)
     order, row_ptr = _csr_by_token(dst_index, n_tokens)
@@ -335,9 +383,12 @@ class SendOrder(NamedTuple):
     rank_counts: torch.Tensor
 
 
-def routing_to_send_order(topk_idx: torch.Tensor, n_experts: int,
-                          experts_per_rank: int) -> SendOrder:
-    """Sort the (token, expert) pairs of a top-k routing by expert, stable in token order."""
+def routing_to_send_order(topk_idx: torch.Tensor, n_experts: int, experts_per_rank: int, *,
+                          check: bool | None = None) -> SendOrder:
+    """Sort the (token, expert) pairs of a top-k routing by expert, stable in token order.
+
+    All on the device, no host read; ``check`` (default: ``HAI_LLM_DEBUG_CHECKS``) verifies
+    0 <= topk_idx < n_experts on the host."""
     if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2:
         raise ValueError(f"topk_idx must be a 2-D [tokens, k] tensor, got "
                          f"{getattr(topk_idx, 'shape', type(topk_idx))}")
@@ -347,15 +398,17 @@ def routing_to_send_order(topk_idx: torch.Tensor, n_experts: int,
             or n_experts < 1 or experts_per_rank < 1 or n_experts % experts_per_rank:
         raise ValueError(f"n_experts ({n_experts}) must be a positive multiple of "
                          f"experts_per_rank ({experts_per_rank})")
-    if topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= n_experts):
-        raise ValueError(f"topk_idx values must lie in [0, n_experts={n_experts}), got range "
-                         f"[{int(topk_idx.min())}, {int(topk_idx.max())}]")
+    if topk_idx.numel() and debug_checks(check):  # a host read: debug only
+        lo, hi = (int(v) for v in torch.aminmax(topk_idx))
+        if lo < 0 or hi >= n_experts:
+            raise ValueError(f"topk_idx values must lie in [0, n_experts={n_experts}), got range "
+                             f"[{lo}, {hi}]")
     T, k = topk_idx.shape
     flat = topk_idx.reshape(-1).long()
     order = torch.argsort(flat, stable=True)  # flat is token-major, so ties keep token order
     src_index = torch.div(order, k, rounding_mode="floor") if k else order
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    expert_counts = torch.bincount(flat, minlength=n_experts)
+    expert_counts = _count(flat, n_experts)
     rank_counts = expert_counts.view(n_experts // experts_per_rank, experts_per_rank).sum(1)
     return SendOrder(src_index, order, inverse.view(T, k), expert_counts, rank_counts)

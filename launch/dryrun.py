@@ -9,8 +9,9 @@
 Defaults are the production layout: 256 nodes x 8 GPUs, PP16 x DP128 (ZeRO-1), EP64 over 8
 nodes, DualPipe, FP8, 4K sequences, micro-batch 1 and n_micro = 15360 sequences / dp = 120 (the
 paper's global batch after the ramp-up; even and >= 2 pp as DualPipe requires). The layout is
-validated first (``ParallelDims`` + ``validate_for_model``): a bad one exits with status 2 and
-the message naming the fix. No weights are allocated; the model is built on the meta device.
+built by ``hai_llm.layout.build_layout``, exactly as the trainer builds it (same stage split,
+schedule and micro-batches): a bad one exits with status 2 and the message naming the fix.
+No weights are allocated; the model is built on the meta device (``hai_llm.planner``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import argparse
 import json
 import sys
 import time
+
+from hai_llm.layout.schedules import SCHEDULES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--n-micro", type=int, default=None,
                    help="micro-batches per step (default: the paper's 15360-sequence batch / dp, "
                         "rounded up to what the schedule needs)")
-    t.add_argument("--schedule", default="dualpipe", choices=("1f1b", "dualpipe", "dualpipev"))
+    t.add_argument("--schedule", default="dualpipe", choices=sorted(SCHEDULES))
+    t.add_argument("--stage-layers", type=int, nargs="+", default=None, metavar="N",
+                   help="layers per pipeline stage (parallel.stage_layers; default balanced by cost)")
     t.add_argument("--precision", default="fp8", choices=("fp8", "bf16"))
     t.add_argument("--optim-dtype", default="bf16", choices=("bf16", "fp32"),
                    help="AdamW moment dtype (the paper: bf16)")
@@ -68,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     start, cpu0 = time.perf_counter(), time.process_time()
     from hai_llm.config.load import load_model_args
-    from hai_llm.parallel import dryrun as D
-    from hai_llm.parallel.dims import ParallelDims
+    from hai_llm.layout import ParallelDims
+    from hai_llm.planner import plan as P
+    from hai_llm.planner import report as R
 
     try:
         if a.dp is None:
@@ -84,14 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         dims = ParallelDims(world_size=world, pp=a.pp, dp=dp, sp=a.sp, ep=a.ep,
                             gpus_per_node=a.gpus_per_node)
         args = load_model_args(a.model, a.overrides)
-        plan = D.plan_layout(args, dims, seq_len=a.seq_len, micro_batch=a.micro_batch,
+        plan = P.plan_layout(args, dims, seq_len=a.seq_len, micro_batch=a.micro_batch,
                              n_micro=a.n_micro, schedule=a.schedule, precision=a.precision,
                              zero1=a.zero1, optim_dtype=a.optim_dtype, recompute=a.recompute,
-                             fused_ce=a.fused_ce)
+                             fused_ce=a.fused_ce, stage_layers=a.stage_layers)
     except (ValueError, FileNotFoundError) as e:
         print(f"hai-llm-dryrun: invalid layout: {e}", file=sys.stderr)
         return 2
-    D.print_plan(plan, plain=a.plain)
+    R.print_plan(plan, plain=a.plain)
     if a.formulas:
         print("\nformulas:")
         for k, v in plan.formulas.items():
@@ -99,15 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     out = plan.to_dict()
     if a.show_groups is not None:
         try:
-            groups = D.rank_groups(dims, a.show_groups)
+            groups = R.rank_groups(dims, a.show_groups)
         except (ValueError, RuntimeError) as e:
             print(f"hai-llm-dryrun: --show-groups: {e}", file=sys.stderr)
             return 2
         print()
-        print(D.format_groups(dims, a.show_groups, groups))
+        print(R.format_groups(dims, a.show_groups, groups))
         out["groups_of_rank"] = {"rank": a.show_groups, **groups}
     if a.check_collectives:
-        from hai_llm.parallel.collectives import sample_ranks, validate_plan_collectives
+        from hai_llm.planner.collectives import sample_ranks, validate_plan_collectives
 
         ranks = sample_ranks(dims)
         t0 = time.perf_counter()

@@ -6,8 +6,9 @@
   this machine (one OpenMP thread each); ``parallel.gpus_per_node`` makes virtual nodes.
 * otherwise: train in this process.
 
-The layout is validated before any process starts, so a bad layout fails at once with
-its message instead of inside N ranks.
+The layout is built (and validated) by ``hai_llm.layout.build_layout`` before any process
+starts, so a bad layout fails at once with its message instead of inside N ranks; every
+rank then builds the same layout again and hands it to its runtime.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import os
 import statistics
 from pathlib import Path
 
+from hai_llm.checkpoint import store as ckpt
 from hai_llm.config.schema import Config
-from hai_llm.train import checkpoint as ckpt
+from hai_llm.layout import build_layout
 
 
 def _summary(trainer, results) -> dict:
@@ -42,26 +44,12 @@ def world_size_of(cfg: Config) -> int:
     return cfg.parallel.nprocs
 
 
-def validate_layout(cfg: Config, world: int):
-    from hai_llm.parallel.runtime import dims_from_config
-    from hai_llm.pipeline.runtime import pipeline_dims
-
-    p = cfg.parallel
-    if p.pp * p.dp * p.sp != world:
-        raise ValueError(f"parallel.pp={p.pp} x parallel.dp={p.dp} x parallel.sp={p.sp} = {p.pp * p.dp * p.sp} "
-                         f"but the job has {world} ranks (parallel.nprocs or torchrun's WORLD_SIZE): "
-                         f"make the product equal the number of ranks")
-    return pipeline_dims(cfg, world) if p.pp > 1 else dims_from_config(cfg, world)
-
-
 def _train_rank(rank: int, world: int, cfg: Config) -> dict:
     """Body of one rank (process group already initialised)."""
-    from hai_llm.parallel.runtime import DistributedRuntime
-    from hai_llm.pipeline.runtime import PipelineRuntime
+    from hai_llm.runtime import build_runtime
     from hai_llm.train.trainer import Trainer
 
-    dims = validate_layout(cfg, world)
-    runtime = PipelineRuntime(cfg, dims) if dims.pp > 1 else DistributedRuntime(cfg, dims)
+    runtime = build_runtime(cfg, build_layout(cfg, world))
     trainer = Trainer(cfg, runtime=runtime, out_dir=Path(cfg.train.out_dir))
     results = trainer.fit()
     return _summary(trainer, results)
@@ -73,7 +61,6 @@ def _torchrun(cfg: Config, cfg_yaml: str, world: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    validate_layout(cfg, world)
     backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -91,6 +78,7 @@ def _torchrun(cfg: Config, cfg_yaml: str, world: int) -> dict:
 
 def launch(cfg: Config, cfg_yaml: str) -> dict:
     world = world_size_of(cfg)
+    build_layout(cfg, world)  # a bad layout fails here, before anything is written or started
     torchrun = "WORLD_SIZE" in os.environ and not os.environ.get("HAI_LLM_SIMULATED")
     if torchrun and world > 1:
         summary = _torchrun(cfg, cfg_yaml, world)
@@ -101,13 +89,11 @@ def launch(cfg: Config, cfg_yaml: str) -> dict:
     if world == 1:
         from hai_llm.train.trainer import Trainer
 
-        validate_layout(cfg, 1)
-        trainer = Trainer(cfg, out_dir=Path(cfg.train.out_dir))
+        trainer = Trainer(cfg, out_dir=Path(cfg.train.out_dir))  # builds the layout of one rank
         summary = _summary(trainer, trainer.fit())
     else:
         from hai_llm.parallel.spawn import run_ranks
 
-        validate_layout(cfg, world)
         summary = run_ranks(_train_rank, world, cfg, timeout=24 * 3600)[0]
     return _finish(cfg, summary)
 

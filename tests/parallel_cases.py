@@ -46,13 +46,14 @@ def single_process(cfg: Config) -> dict:
 
 def rank_body(rank: int, world: int, cfgs: list) -> list[dict]:
     """Run every config on this rank (one spawn, several layouts)."""
-    from hai_llm.parallel.runtime import DistributedRuntime, dims_from_config
+    from hai_llm.layout import build_layout
+    from hai_llm.runtime.mesh import MeshRuntime
     from hai_llm.train.trainer import Trainer
 
     out = []
     for cfg in cfgs:
-        dims = dims_from_config(cfg, world)
-        out.append(run_steps(Trainer(cfg, runtime=DistributedRuntime(cfg, dims)), cfg.train.steps))
+        layout = build_layout(cfg, world)
+        out.append(run_steps(Trainer(cfg, runtime=MeshRuntime(cfg, layout)), cfg.train.steps))
     return out
 
 
@@ -75,8 +76,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def fit_rank(rank: int, world: int, cfg) -> list[float]:
     """Train ``cfg`` with its layout (resuming if out_dir has a checkpoint); losses."""
-    from hai_llm.parallel.runtime import DistributedRuntime, dims_from_config
+    from hai_llm.layout import build_layout
+    from hai_llm.runtime.mesh import MeshRuntime
     from hai_llm.train.trainer import Trainer
 
-    t = Trainer(cfg, runtime=DistributedRuntime(cfg, dims_from_config(cfg, world)))
+    t = Trainer(cfg, runtime=MeshRuntime(cfg, build_layout(cfg, world)))
     return [r.loss for r in t.fit()]

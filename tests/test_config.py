@@ -60,11 +60,6 @@ def test_unknown_model_name_lists_choices():
 
 @pytest.mark.parametrize("overrides, msg", [
     (["train.precision=fp16"], r"train.precision must be fp32 \| bf16 \| fp8, got 'fp16'"),
-    (["train.micro_batch=3"], r"train.global_batch / dp = 4 sequences per rank must be divisible by "
-                              r"train.micro_batch=3"),
-    (["parallel.dp=2", "train.micro_batch=4"], r"train.global_batch / dp = 2 sequences per rank must be "
-                                               r"divisible by train.micro_batch=4"),
-    (["parallel.dp=3"], r"train.global_batch=4 must be divisible by parallel.dp=3"),
     (["optim.schedule=linear"], r"optim.schedule must be constant \| cosine \| deepseek, got 'linear'"),
     (["train.ema_decay=1.0"], r"train.ema_decay must be in \[0, 1\), got 1.0"),
     (["data.seq_len=1024"], r"data.seq_len=1024 exceeds model.max_seq_len=256"),
@@ -74,6 +69,26 @@ def test_bad_values_fail_in_to_config(overrides, msg):
     cfg = _compose(BASE + overrides)  # composes: types are right, values are not
     with pytest.raises(ValueError, match=msg):
         to_config(cfg)
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["train.micro_batch=3"], r"train.global_batch / dp = 4 sequences per rank must be divisible by "
+                              r"train.micro_batch=3"),
+    (["parallel.nprocs=2", "parallel.dp=2", "train.micro_batch=4"],
+     r"train.global_batch / dp = 2 sequences per rank must be divisible by train.micro_batch=4"),
+    (["parallel.nprocs=3", "parallel.dp=3"], r"train.global_batch=4 must be divisible by parallel.dp=3"),
+    (["parallel.dp=2"], r"parallel.pp=1 x parallel.dp=2 x parallel.sp=1 = 2 but the job has 1 ranks"),
+    (["parallel.schedule=gpipe"], r"parallel.schedule='gpipe' is unknown"),
+    (["parallel.transport=ring"], r"parallel.transport='ring' is unknown"),
+])
+def test_bad_layouts_fail_in_build_layout(overrides, msg):
+    """Checks that depend on the layout (batch splits, degrees, schedule) are the layout's:
+    ``build_layout`` raises them, before any process starts."""
+    from hai_llm.layout import build_layout
+
+    cfg = to_config(_compose(BASE + overrides))  # the values themselves are fine
+    with pytest.raises(ValueError, match=msg):
+        build_layout(cfg, cfg.parallel.nprocs)
 
 
 def test_invalid_model_combination_fails_in_to_config():

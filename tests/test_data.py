@@ -228,14 +228,14 @@ def test_sampler_windows_and_determinism(small_ds):
     s1 = SequenceSampler(small_ds, seq_len=16, global_batch=8, seed=3)
     s2 = SequenceSampler(small_ds, seq_len=16, global_batch=8, seed=3)
     b1, b2 = [s1.next_batch() for _ in range(5)], [s2.next_batch() for _ in range(5)]
-    assert all(torch.equal(x, y) for x, y in zip(b1, b2))
+    assert all(torch.equal(x, y) for x, y in zip(b1, b2, strict=True))
     assert b1[0].dtype == torch.long and b1[0].shape == (8, 17)
     other = SequenceSampler(small_ds, seq_len=16, global_batch=8, seed=4)
     assert not torch.equal(other.next_batch(), b1[0])
     # Each row is a real window of the corpus starting at a multiple of seq_len.
     starts = s1.sample_starts(0, 8)
     toks = torch.from_numpy(small_ds.tokens.astype(np.int64))
-    for row, st in zip(b1[0], starts):
+    for row, st in zip(b1[0], starts, strict=True):
         assert st % 16 == 0 and torch.equal(row, toks[st:st + 17])
     # One epoch visits every window exactly once; the next epoch is a new shuffle.
     n = s1.n_windows
@@ -255,7 +255,7 @@ def test_sampler_dp_ranks_partition_global_batch(small_ds):
         assert torch.equal(torch.cat(local), glob)  # union (in rank order) == global batch
         starts = [set(s.sample_starts(step * 12 + s.dp_rank * 3, 3)) for s in ranks]
         assert sum(len(x) for x in starts) == len(set().union(*starts)) == 12  # disjoint
-        assert all(torch.equal(s.local_batch_at(step), x) for s, x in zip(ranks, local))
+        assert all(torch.equal(s.local_batch_at(step), x) for s, x in zip(ranks, local, strict=True))
     inputs, mtp2 = split_batch(glob, 8, depth=2)
     assert torch.equal(inputs, glob[:, :8]) and torch.equal(mtp2, glob[:, 3:11])
 

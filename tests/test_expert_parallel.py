@@ -71,8 +71,9 @@ def _reduced(model, loss, dense_group=None, edp_group=None, ep_group=None):
     """Loss averaged over ranks, reduced dense grads, gathered expert grads, EP grad norm."""
     import torch.distributed as dist
 
-    from hai_llm.parallel.expert import (expert_param_slices, gather_expert_grads, grad_norm_ep,
-                                         reduce_ep_gradients)
+    from helpers import gather_expert_grads, grad_norm_ep, reduce_ep_gradients
+
+    from hai_llm.parallel.expert import expert_param_slices
 
     loss = loss.detach().clone()
     dist.all_reduce(loss, group=dense_group)
@@ -89,8 +90,9 @@ def _equivalence_part(group, all_ep_ranks, gpn, hier_gpn):
     group, flat vs hierarchical bit-identity, global expert load and bias update."""
     import torch.distributed as dist
 
-    from hai_llm.parallel.expert import (apply_expert_parallel, expert_param_slices, global_expert_load,
-                                         set_expert_transport)
+    from helpers import global_expert_load
+
+    from hai_llm.parallel.expert import apply_expert_parallel, expert_param_slices, set_expert_transport
     from hai_llm.parallel.transport import build_transport
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -110,6 +112,8 @@ def _equivalence_part(group, all_ep_ranks, gpn, hier_gpn):
     set_expert_transport(model, hier)
     out_h = _ep_step(model, tokens, rank, world)
     local_hier = (out_h.loss.detach(), _grads(model))
+    # bit-exact (legitimately): flat and hierarchical transports deliver the same rows to the same
+    # expert GEMMs and combine in the same order; only the routes of the bytes differ
     bit_identical = torch.equal(local_flat[0], local_hier[0]) and all(
         torch.equal(local_flat[1][n], local_hier[1][n]) for n in local_flat[1])
     assert hier.stats["dispatch"]["calls"] == len(model.moe_layers())
@@ -144,7 +148,8 @@ def _triton_part(rank):
         y = m(xx.view(1, 12, -1))
         y.square().sum().backward()
         outs.append((y.detach(), xx.grad, m.gate.weight.grad, m.experts.w2.grad))
-    return all(torch.equal(a, b) for a, b in zip(*outs))
+    # bit-exact: Triton vs torch data movement feeds the same values to the same compute
+    return all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
 
 
 def _moe_pair(args, scale=0.1, seed=3):
@@ -192,7 +197,7 @@ def _mechanisms(rank, world, flat, hier):
         outs[name] = d(x, w, idx, ep.experts)
         res[f"{name}_stats"] = d.transport.stats.snapshot()
     res["routed_err"] = _rel(outs["flat"], ref)
-    res["node_limited_equal"] = torch.equal(outs["flat"], outs["hier"])
+    res["node_limited_equal"] = torch.equal(outs["flat"], outs["hier"])  # same shapes/ops: bit-exact
 
     # all-local tokens never leave the rank; mixed routing moves exactly the remote ones
     own = torch.tensor([2 * rank, 2 * rank + 1])
@@ -221,7 +226,7 @@ def _mechanisms(rank, world, flat, hier):
     b2, b1 = h2.wait(), h1.wait()
     c1 = d.combine_async(d.compute(b1, ep.experts), b1)
     c2 = d.combine_async(d.compute(b2, ep.experts), b2)
-    res["async_equal"] = torch.equal(c1.wait(), sync)
+    res["async_equal"] = torch.equal(c1.wait(), sync)  # same ops, same shapes: bit-exact
     res["async2_err"] = _rel(c2.wait(), _routed_ref(full, x * 2, w, idx))
 
     # link emulation: wait() returns no earlier than the modeled time after the issue
@@ -240,8 +245,13 @@ def _mechanisms(rank, world, flat, hier):
     h = ExpertParallelDispatcher(t, args.n_routed_experts).dispatch_async(x, w, idx)
     comm = h.comm
     time.sleep(comm.delay_s)
-    h.wait()
-    res["overlap_wait"] = (time.perf_counter() - comm.issued_at, comm.delay_s)
+    slept, real_sleep = [], time.sleep  # record what wait() still sleeps (deterministic, no timing)
+    time.sleep = lambda s: (slept.append(s), real_sleep(s))[1]
+    try:
+        h.wait()
+    finally:
+        time.sleep = real_sleep
+    res["overlap_wait"] = (time.perf_counter() - comm.issued_at, comm.delay_s, sum(slept))
 
     # FP8 dispatch: close to the full-precision path, identical across transports, backward runs
     args3 = _args()
@@ -260,8 +270,9 @@ def _mechanisms(rank, world, flat, hier):
     a, b = results[(False, "flat")], results[(True, "flat")]
     res["fp8_err"] = [_rel(b[i], a[i]) for i in range(4)]
     res["fp8_bytes"] = (a[4], b[4])
+    # flat vs hierarchical: same rows, same ops, same order -> bit-exact
     res["fp8_transport_equal"] = all(torch.equal(p, q) for p, q in zip(results[(True, "flat")][:4],
-                                                                       results[(True, "hier")][:4]))
+                                                                       results[(True, "hier")][:4], strict=True))
     # the FP8 routed output IS the local computation on the FP8-rounded tokens (only the payload
     # is quantised): 1x128 tiles, power-of-2 scales
     from hai_llm.kernels.moe_permute import dequantize_ref, permute_ref
@@ -285,7 +296,7 @@ def _mechanisms(rank, world, flat, hier):
         y = epb(xx.view(2, T // 2, -1))
         y.float().square().sum().backward()
         outs.append((y.detach(), xx.grad.clone(), epb.experts.w3.grad.clone()))
-    res["bf16_equal"] = all(torch.equal(p, q) for p, q in zip(*outs))
+    res["bf16_equal"] = all(torch.equal(p, q) for p, q in zip(*outs, strict=True))  # flat vs hier: bit-exact
     return res
 
 
@@ -293,7 +304,7 @@ def _worker(rank, world):
     """Everything on one 4-rank spawn (spawning is the expensive part on this machine)."""
     import torch.distributed as dist
 
-    from hai_llm.parallel.dims import ParallelDims
+    from hai_llm.layout.dims import ParallelDims
     from hai_llm.parallel.expert import apply_expert_parallel
     from hai_llm.parallel.transport import build_transport
 
@@ -369,8 +380,9 @@ def _check_against_reference(got, tag):
 def _check_bias(results, key):
     ref = _reference()
     for r in results:
+        # exact: integer counts (a top-k flip needs a score tie within fp32 rounding)
         assert torch.equal(r[key]["load"], ref["counts"])  # every rank sees the whole batch's load
-        assert torch.equal(r[key]["bias"], results[0][key]["bias"])  # identical updates
+        assert torch.equal(r[key]["bias"], results[0][key]["bias"])  # identical updates: same load, same op
         assert torch.allclose(r[key]["bias"], ref["bias"])
 
 
@@ -467,9 +479,13 @@ def test_link_emulation(ranks):
         for name in ("flat", "hier"):
             elapsed, delay, modeled, recorded = r[f"{name}_link"]
             assert delay > 0.04 and abs(delay - modeled) < 1e-12 and abs(recorded - modeled) < 1e-9
-            assert delay <= elapsed < delay + 3.0, (name, elapsed, delay)
-        total, delay = r["overlap_wait"]
-        assert delay > 0.29 and delay <= total < 1.6 * delay, (total, delay)  # hidden, not added
+            # never early (a guarantee of the monotonic clock, not a timing bound; no upper bound:
+            # wall-clock limits measure the machine's load, timings belong in benchmarks)
+            assert delay <= elapsed, (name, elapsed, delay)
+        total, delay, slept = r["overlap_wait"]
+        # hidden, not added: after compute as long as the transfer, wait() requests no further sleep
+        # (computed, not measured; < 1% of the delay only absorbs float rounding of the deadline)
+        assert delay > 0.29 and delay <= total and slept < 0.01 * delay, (total, delay, slept)
 
 
 def test_fp8_dispatch(ranks):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
-from hai_llm.checkpoint.hf import (  # noqa: E402
+from hai_llm.interop.hf import (  # noqa: E402
     CheckpointMismatchError, args_from_hf_config, check_config_matches, convert_state_dict_from_hf,
     convert_state_dict_to_hf, hf_config_from_args, load_hf_checkpoint, save_hf_checkpoint)
 from hai_llm.model.args import ModelArgs  # noqa: E402
@@ -179,7 +179,7 @@ def test_round_trip_bit_exact_with_mtp_and_shards(tmp_path, layout):
     load_hf_checkpoint(dst, tmp_path)
     a, b = src.state_dict(), dst.state_dict()
     assert a.keys() == b.keys()
-    for k in a:
+    for k in a:  # bit-exact: a save/load round trip in the same dtype copies bytes
         assert torch.equal(a[k], b[k]), k
 
 
@@ -221,6 +221,7 @@ def test_fp8_release_format_is_dequantized():
     sd["model.layers.1.mlp.experts.5.up_proj.weight"] = q
     sd["model.layers.1.mlp.experts.5.up_proj.weight_scale_inv"] = scale
     out = convert_state_dict_from_hf(sd, args, fp8_block=(24, 48))
+    # bit-exact: one correctly rounded fp32 multiply per element, no reduction
     assert torch.equal(out["layers.1.ffn.experts.w3"][5], q.float() * per_elem)
     assert ((out["layers.1.ffn.experts.w3"][5] - w).abs() <= w.abs() / 16 + 1e-5).all()  # e4m3 rounding only
     del sd["model.layers.1.mlp.experts.5.up_proj.weight_scale_inv"]

@@ -83,10 +83,10 @@ def test_gate_matches_per_token_reference_with_bias_and_group_limit(tiny_args):
     # the case is meaningful: the bias changes the choice for some tokens, and the group
     # limit excludes some token's globally best experts
     no_bias, _, _ = _route_reference(scores, [0.0] * 16, 4, 2, 3, 2.5)
-    assert sum(a != b for a, b in zip(no_bias, chosen)) >= 5
+    assert sum(a != b for a, b in zip(no_bias, chosen, strict=True)) >= 5
     biased = [[scores[t][e] + bias[e] for e in range(16)] for t in range(64)]
     global_top = [set(sorted(range(16), key=lambda e: -biased[t][e])[:3]) for t in range(64)]
-    assert sum(a != b for a, b in zip(global_top, chosen)) >= 1
+    assert sum(a != b for a, b in zip(global_top, chosen, strict=True)) >= 1
 
     # weights come from unbiased scores: the bias-weighted alternative would differ
     t = next(i for i in range(64) if no_bias[i] != chosen[i])
@@ -160,7 +160,7 @@ def test_moe_routed_equals_per_expert_loop(tiny_args, dtype):
         else:
             tol = dict(rtol=3e-2, atol=3e-2)
         torch.testing.assert_close(y.double(), yr.detach(), **tol, msg=f"{name} forward")
-        for a, r, n in zip(got, ref_in, ("x", "weights", "w1", "w2", "w3")):
+        for a, r, n in zip(got, ref_in, ("x", "weights", "w1", "w2", "w3"), strict=True):
             torch.testing.assert_close(a.double(), r.grad, **tol, msg=f"{name} grad {n}")
         # unused experts get exactly zero gradient
         used = set(idx.flatten().tolist())
@@ -272,7 +272,7 @@ def test_update_bias_direction_and_buffer(tiny_args):
     model.update_expert_bias(load, gamma)
     g = torch.tensor(gamma, dtype=torch.float32)
     expect = torch.stack([-g, g, 0 * g, 0 * g, -g, g, 0 * g, g])
-    for m in layers:
+    for m in layers:  # bit-exact: 0 +- gamma, no reduction involved
         assert torch.equal(m.gate.bias, expect)
     # a second step with a different load moves each expert by exactly one more gamma or 0
     load2 = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 8]] * len(layers), dtype=torch.float32)
@@ -528,6 +528,7 @@ def test_recompute_modes_give_identical_loss_and_grads(tiny_args):
     ref_loss, ref_grads, ref_counts = results["none"]
     for mode in ("selective", "full"):
         loss, grads, counts = results[mode]
+        # bit-exact (legitimately): recomputation reruns the same ops on the same shapes, in order
         assert torch.equal(loss, ref_loss), mode
         assert torch.equal(counts, ref_counts), mode
         for n, g in grads.items():

@@ -1,6 +1,7 @@
-"""Tests for ParallelDims: the rank arithmetic of the production 2048-GPU layout, the error
-messages that name the fix, and the real torch groups built from the same arithmetic (a
-one-process gloo world and a 2048-rank fake world)."""
+"""Tests for ParallelDims and the layout rules: the rank arithmetic of the production 2048-GPU
+layout, the error messages that name the fix (``ParallelDims``, the schedule registry and
+``build_layout``), and the real torch groups built from the same arithmetic (a one-process
+gloo world and a 2048-rank fake world)."""
 import os
 import time
 from collections import Counter
@@ -9,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hai_llm.parallel.dims import GROUP_NAMES, ParallelDims
+from hai_llm.layout import build_layout, schedule_class
+from hai_llm.layout.dims import GROUP_NAMES, ParallelDims
 
 
 def v3_dims() -> ParallelDims:
@@ -63,8 +65,24 @@ def test_v3_pp_group_stride_and_coords():
     assert d.group_of("dp_sp", 130) == list(range(128, 256))
 
 
-def test_v3_validate_for_model_passes():
-    v3_dims().validate_for_model(256, 8, 61, 4096, n_micro_batches=32, schedule="dualpipe")
+def layout_of(model="deepseek_v3_671b", n_layers=None, seq_len=4096, n_micro=32, **parallel):
+    """``build_layout`` of a config with these degrees (default the production layout)."""
+    from hai_llm.config.load import load_model_args
+    from hai_llm.config.schema import Config, DataConfig, ParallelConfig, TrainConfig
+
+    p = dict(pp=16, dp=128, ep=64, gpus_per_node=8, schedule="dualpipe")
+    p.update(parallel)
+    args = load_model_args(model, [f"n_layers={n_layers}"] if n_layers else [])
+    cfg = Config(model=args, data=DataConfig(seq_len=seq_len),
+                 train=TrainConfig(global_batch=p["dp"] * n_micro, micro_batch=1),
+                 parallel=ParallelConfig(n_micro=n_micro, **p))
+    return build_layout(cfg, p["pp"] * p["dp"] * p.get("sp", 1))
+
+
+def test_v3_layout_passes():
+    layout = layout_of()
+    assert layout.dims == v3_dims() and layout.n_micro == 32 and layout.schedule.num_stages == 16
+    assert sorted(i for s in layout.stages for i in s) == list(range(61))
 
 
 def test_describe_mentions_every_group():
@@ -140,54 +158,61 @@ def test_node_rules():
 # ----------------------------------------------------------------------- model errors
 def test_experts_not_divisible_by_ep():
     with pytest.raises(ValueError, match="n_routed_experts=96 is not divisible by ep=64"):
-        v3_dims().validate_for_model(96, 8, 61, 4096)
+        v3_dims().check_experts(96, 8)
 
 
 def test_expert_groups_not_lining_up_with_nodes():
     with pytest.raises(ValueError, match="expert groups do not line up with nodes.*"
                                          "set n_expert_groups=8 or ep=32"):
-        v3_dims().validate_for_model(256, 4, 61, 4096)
+        v3_dims().check_experts(256, 4)
     # inside one node any grouping is fine: the whole EP group is one node
-    ParallelDims(world_size=16, dp=16, ep=8).validate_for_model(64, 4, 4, 128)
+    ParallelDims(world_size=16, dp=16, ep=8).check_experts(64, 4)
 
 
 def test_layers_fewer_than_stages():
     with pytest.raises(ValueError, match="n_layers=12 is fewer than the 16 pipeline stages"):
-        v3_dims().validate_for_model(256, 8, 12, 4096)
-    d = ParallelDims(world_size=4, pp=4)
-    d.validate_for_model(8, 1, 6, 64, n_micro_batches=8, schedule="dualpipe")
+        layout_of(n_layers=12)
+    small = dict(model="tiny", n_layers=6, seq_len=64, n_micro=8, pp=4, dp=1, ep=1)
+    layout_of(**small, schedule="dualpipe")
     with pytest.raises(ValueError, match="dualpipev holds 2 stages per rank"):
-        d.validate_for_model(8, 1, 6, 64, n_micro_batches=8, schedule="dualpipev")
+        layout_of(**small, schedule="dualpipev")
 
 
 def test_seq_len_not_divisible_by_two_sp():
     d = ParallelDims(world_size=8, dp=2, sp=4, ep=8)
-    d.validate_for_model(64, 1, 4, 4096)
+    d.check_seq_len(4096)
     with pytest.raises(ValueError, match=r"seq_len=4100 must be divisible by 2\*sp=8.*4104"):
-        d.validate_for_model(64, 1, 4, 4100)
-    ParallelDims(world_size=1).validate_for_model(8, 2, 1, 7)  # sp=1: no chunking
+        d.check_seq_len(4100)
+    ParallelDims(world_size=1).check_seq_len(7)  # sp=1: no chunking
 
 
 def test_micro_batch_rules():
-    d = v3_dims()
-    with pytest.raises(ValueError, match="dualpipe with pp=16 needs an even n_micro_batches "
-                                         ">= 2\\*pp = 32, got 16: use n_micro_batches=32"):
-        d.validate_for_model(256, 8, 61, 4096, n_micro_batches=16, schedule="dualpipe")
-    with pytest.raises(ValueError, match="got 33: use n_micro_batches=34"):
-        d.validate_for_model(256, 8, 61, 4096, n_micro_batches=33, schedule="dualpipev")
-    d.validate_for_model(256, 8, 61, 4096, n_micro_batches=16, schedule="1f1b")
-    with pytest.raises(ValueError, match="1f1b with pp=16 needs n_micro_batches >= 16"):
-        d.validate_for_model(256, 8, 61, 4096, n_micro_batches=15, schedule="1f1b")
-    ParallelDims(world_size=1).validate_for_model(8, 1, 1, 8, n_micro_batches=1, schedule="1f1b")
+    """The schedule registry states each rule once; the messages come from it."""
+    with pytest.raises(ValueError, match="dualpipe with pp=16 needs n_micro >= 2\\*pp = 32 "
+                                         "micro-batches \\(an even number\\), got n_micro=16: use n_micro=32"):
+        schedule_class("dualpipe").check(16, 16)
+    with pytest.raises(ValueError, match="must be even .*got n_micro=33: use n_micro=34"):
+        schedule_class("dualpipe").check(16, 33)
+    schedule_class("dualpipev").check(16, 33)  # DualPipeV: any n >= 2*pp, odd included
+    with pytest.raises(ValueError, match="got n_micro=31: use n_micro=32"):
+        schedule_class("dualpipev").check(16, 31)
+    schedule_class("1f1b").check(16, 16)
+    with pytest.raises(ValueError, match="1f1b with pp=16 needs n_micro >= pp = 16"):
+        schedule_class("1f1b").check(16, 15)
+    schedule_class("1f1b").check(1, 1)
     with pytest.raises(ValueError, match="schedule='gpipe' is unknown"):
-        d.validate_for_model(256, 8, 61, 4096, schedule="gpipe")
+        schedule_class("gpipe")
+    # the same rules through the layout of a config
+    with pytest.raises(ValueError, match="use n_micro=32"):
+        layout_of(n_micro=16)
+    assert layout_of(n_micro=33, schedule="dualpipev").n_micro == 33
 
 
 def test_odd_pp_for_dualpipe():
     d = ParallelDims(world_size=3, pp=3)
     with pytest.raises(ValueError, match="dualpipe needs an even pp.*pp=3: use pp=4 or 2"):
-        d.validate_for_model(8, 1, 12, 64, n_micro_batches=6, schedule="dualpipe")
-    d.validate_for_model(8, 1, 12, 64, n_micro_batches=6, schedule="dualpipev")
+        schedule_class("dualpipe").check(d.pp, 6)
+    schedule_class("dualpipev").check(d.pp, 6)
 
 
 # ----------------------------------------------------------------------- real process groups
@@ -207,7 +232,7 @@ def test_build_mesh_single_process_gloo(tmp_path, destroy_pg):
         assert groups.ranks(name) == [0]
         t = torch.ones(2)
         dist.all_reduce(t, group=groups.group(name))
-        assert torch.equal(t, torch.ones(2))
+        assert torch.equal(t, torch.ones(2))  # exact: a 1-rank all-reduce of ones
     assert groups.dense_grad_group is groups.group("dp_sp")
     assert groups.mesh.mesh_dim_names == ("pp", "dp", "sp")
 
@@ -227,7 +252,7 @@ def test_build_mesh_fake_2048(rank, destroy_pg):
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2048)
     start = time.perf_counter()
     groups = d.build_mesh("cpu")  # also checks torch's ranks == our arithmetic, per group
-    assert time.perf_counter() - start < 10.0
+    print(f"build_mesh, 2048 fake ranks: {time.perf_counter() - start:.2f} s")  # information, not a check
     expect = {"pp": 16, "dp": 128, "sp": 1, "dp_sp": 128, "ep": 64, "edp": 2}
     for name, size in expect.items():
         assert groups.size(name) == size

@@ -30,10 +30,18 @@ def test_layouts_match_single_process(world, reference, corpus_dir, tmp_path):
     for i, lay in enumerate(LAYOUTS[world]):
         results = [r[i] for r in per_rank]
         for r in results:  # every rank logs the global loss
-            for a, b in zip(r["losses"], reference["losses"]):
+            # rtol 1e-5 (not bit-exact): other layouts split tokens over ranks, so GEMM shapes
+            # and reduction orders differ -> fp32 rounding only (measured <= 5e-7 over the ATEN /
+            # MKL / thread variants, later steps after Adam included); a scale bug is >= 1e-2
+            assert len(r["losses"]) == len(reference["losses"]) == 3, (lay, r["losses"])
+            for a, b in zip(r["losses"], reference["losses"], strict=True):
                 assert abs(a - b) <= 1e-5 * abs(b), (lay, r["losses"], reference["losses"])
-            for a, b in zip(r["norms"], reference["norms"]):
-                assert abs(a - b) <= 1e-5 * b, (lay, r["norms"], reference["norms"])
+            # step 1 (same weights, rounding only): rtol 1e-5. Later steps: Adam's first update
+            # lr * g / (|g| + eps) turns last-bit differences of gradient entries near eps into
+            # weight differences up to ~lr, so later norms drift more (measured 1.2e-5 for sp2 under
+            # ATEN_CPU_CAPABILITY=default): rtol 1e-4. Scale / ep bugs show at step 1 (>= 1e-2).
+            for s, (a, b) in enumerate(zip(r["norms"], reference["norms"], strict=True)):
+                assert abs(a - b) <= (1e-5 if s == 0 else 1e-4) * b, (lay, s, r["norms"], reference["norms"])
             for n, b in reference["bias"].items():  # aux-loss-free update saw the global load
                 assert rel_err(r["bias"][n], b) < 1e-6 or (r["bias"][n] - b).abs().max() < 1e-9, (lay, n)
         grads = stitch(results)
@@ -43,7 +51,7 @@ def test_layouts_match_single_process(world, reference, corpus_dir, tmp_path):
 
 
 def _raise_on_rank(rank, world):
-    from hai_llm.parallel.dims import ParallelDims
+    from hai_llm.layout.dims import ParallelDims
 
     ParallelDims(world_size=world, dp=3)
 

@@ -18,7 +18,7 @@ import pytest
 
 from hai_llm.pipeline.gantt import (Span, chrome_trace, save_gantt, short_label,
                                     spans_from_chrome_trace, write_chrome_trace)
-from hai_llm.pipeline.schedules import (Action, ActionComm, DualPipe, DualPipeV, Message,
+from hai_llm.layout.schedules import (Action, ActionComm, DualPipe, DualPipeV, Message,
                                         OneFOneB, ZB1P, early_posts)
 from hai_llm.pipeline.simulator import (Costs, check_schedule, formula_activations,
                                         formula_bubble, peak_activations, simulate)
@@ -161,7 +161,7 @@ def test_one_f_one_b_comm_plan():
     plan = s.comm_plan(1)
     assert plan[0].recvs == (Message("act", 0, 0, 0, 1, 0),)
     assert plan[0].sends == (Message("act", 0, 1, 0, 2, 0),)
-    bw = [c for a, c in zip(s.actions(1), plan) if a.kind == "BW"][0]
+    bw = [c for a, c in zip(s.actions(1), plan, strict=True) if a.kind == "BW"][0]
     assert bw.recvs == (Message("grad", 0, 2, 0, 1, 0),)
     assert bw.sends == (Message("grad", 0, 1, 0, 0, 0),)
     assert early_posts(s) == []
@@ -317,7 +317,7 @@ def test_timeline_respects_every_dependency():
     s, costs = DualPipeV(4, 10), Costs(F=1, B=2, W=1, FB=2.5, comm=0.25)
     res = simulate(s, costs)
     start, end, span = {}, {}, {}
-    for sp, act in zip(res.all_spans(), [a for r in range(s.pp) for a in s.actions(r)]):
+    for sp, act in zip(res.all_spans(), [a for r in range(s.pp) for a in s.actions(r)], strict=True):
         for kind, mb, chunk in act.parts():
             start[(kind, mb, sp.rank, chunk)] = sp.start
             end[(kind, mb, sp.rank, chunk)] = sp.end

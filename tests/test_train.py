@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from hai_llm.config.schema import OptimConfig
-from hai_llm.train import checkpoint as ckpt
+from hai_llm.checkpoint import store as ckpt
 from hai_llm.train.metrics import read_metrics
-from hai_llm.train.optim import AdamW, lr_at
+from hai_llm.optim import AdamW, lr_at
 from hai_llm.train.trainer import NonFiniteLossError, Trainer
 
 
@@ -67,18 +67,21 @@ def test_resume_is_bit_exact(make_config, tmp_path, interrupt):
     else:
         b1 = Trainer(make_config(out_b, "train.steps=3", *common))
         res_b1 = b1.fit()
+        # bit-exact: same layout, same shapes, same ops in the same order as the straight run
         assert [r.loss for r in res_b1] == [r.loss for r in res_a[:3]]
     del b1
 
     b2 = Trainer(make_config(out_b, "train.steps=6", *common))
     assert b2.step == 3
     res_b2 = b2.fit()
+    # bit-exact (legitimately): resume of the same layout replays the same shapes and ops in the
+    # same order from bit-identical saved state; any difference means lost or stale state
     assert [r.loss for r in res_b2] == [r.loss for r in res_a[3:]]  # bit-identical
     assert [r.grad_norm for r in res_b2] == [r.grad_norm for r in res_a[3:]]
     pa, pb = _params(a.model), _params(b2.model)
     for n in pa:
         assert torch.equal(pa[n], pb[n]), n
-    for ba, bb in zip(_biases(a.model), _biases(b2.model)):
+    for ba, bb in zip(_biases(a.model), _biases(b2.model), strict=True):
         assert torch.equal(ba, bb)
     assert any(bool(b.abs().sum() > 0) for b in _biases(a.model))  # the bias did move
     ea, eb = a.ema.state_dict(), b2.ema.state_dict()
@@ -162,8 +165,9 @@ def test_nonfinite_steps_are_skipped_then_training_continues(make_config, tmp_pa
         r = t.train_step()
         assert r.skipped and math.isnan(r.loss)
         after = _params(t.model)
+        # bit-exact: a skipped step must not write weights, biases or the EMA at all
         assert all(torch.equal(before[n], after[n]) for n in before)
-        assert all(torch.equal(a, b) for a, b in zip(bias_before, _biases(t.model)))
+        assert all(torch.equal(a, b) for a, b in zip(bias_before, _biases(t.model), strict=True))
         assert all(torch.equal(ema_before[k], v) for k, v in t.ema.state_dict().items())
         assert [float(s["step"]) for s in t.optimizer.inner.state.values()] == adam_steps
         assert all(p.grad is None for p in t.model.parameters())
@@ -182,6 +186,7 @@ def test_nonfinite_grad_norm_is_skipped(make_config, tmp_path):
     r = t.train_step()
     h.remove()
     assert r.skipped and math.isfinite(r.loss) and not math.isfinite(r.grad_norm)
+    # bit-exact: a skipped step leaves the weights untouched
     assert all(torch.equal(before[n], p) for n, p in _params(t.model).items())
 
 
@@ -220,6 +225,8 @@ def test_gradient_accumulation_matches_one_big_batch(make_config, tmp_path):
     for k in ("loss", "ce", "mtp", "balance"):
         assert abs(tot1[k] - tot4[k]) <= 1e-6 * abs(tot4[k]), k
     assert tot4["balance"] > 0
+    # exact: integer routing counts, summed over micro-batches (a top-k flip would need a score
+    # tie within fp32 rounding; the grads above would then fail too)
     assert torch.equal(tot1["counts"], tot4["counts"])  # summed over micro-batches
 
 
@@ -234,7 +241,9 @@ def test_gradient_accumulation_full_step_params(make_config, tmp_path):
     for n in p4:
         d1, d4 = p1[n] - init[n], p4[n] - init[n]
         assert (d1 - d4).norm() <= 1e-3 * d4.norm() + 1e-9, n
-    for b1, b4 in zip(_biases(ts[0].model), _biases(ts[1].model)):
+    # exact although the batch split differs: the bias step is +-gamma from the integer global
+    # counts (the same routing, see test_gradient_accumulation_matches_one_big_batch)
+    for b1, b4 in zip(_biases(ts[0].model), _biases(ts[1].model), strict=True):
         assert torch.equal(b1, b4)
 
 
@@ -254,7 +263,7 @@ def test_bias_update_each_step_uses_global_batch_counts(make_config, tmp_path):
         assert load.shape == (n_layers, t.cfg.model.n_routed_experts)
         # every token of BOTH micro-batches routed to K experts, in every MoE layer
         assert load.sum(-1).tolist() == [tokens * K] * n_layers
-        for b0, b1, ld in zip(before, _biases(t.model), load.float()):
+        for b0, b1, ld in zip(before, _biases(t.model), load.float(), strict=True):
             d = (b1 - b0).double()
             mean = ld.mean()
             for e in range(len(ld)):
@@ -279,7 +288,7 @@ def test_ema_equals_hand_computed_average(make_config, tmp_path):
     decay = 0.9
     t = Trainer(make_config(tmp_path, "train.steps=4", f"train.ema_decay={decay}"))
     ema = {n: p.double() for n, p in _params(t.model).items()}  # starts at the init weights
-    for n, v in t.ema.state_dict().items():
+    for n, v in t.ema.state_dict().items():  # bit-exact: the EMA starts as a copy
         assert torch.equal(v, _params(t.model)[n[len("ema."):]])
     for _ in range(4):
         t.train_step()
@@ -292,7 +301,7 @@ def test_ema_equals_hand_computed_average(make_config, tmp_path):
     # it really lags behind the weights
     assert any(not torch.allclose(got[f"ema.{n}"], p) for n, p in _params(t.model).items())
     # copy_to loads it into a model
-    t.ema.copy_to(t.model)
+    t.ema.copy_to(t.model)  # bit-exact: a copy
     assert all(torch.equal(got[f"ema.{n}"], p) for n, p in _params(t.model).items())
 
 
@@ -347,7 +356,7 @@ def test_adamw_fp32_matches_torch():
             opt.zero_grad()
             m(x).pow(2).sum().backward()
             opt.step()
-        for pa, pb in zip(a.parameters(), b.parameters()):
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
             torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
     st = ours.state[next(a.parameters())]
     assert st["exp_avg"].dtype == torch.float32 and float(st["step"]) == 6
@@ -369,7 +378,7 @@ def test_adamw_bf16_moments():
         st = ours.state[p]
         assert st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg_sq"].dtype == torch.bfloat16
         assert p.dtype == torch.float32  # master weights stay fp32
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=2e-2, atol=2e-3)
 
 
@@ -377,7 +386,7 @@ def test_single_process_zero_optimizer_matches_torch_adamw_with_clipping():
     """The trainer's optimizer (ZeRO-1 wrapper, one process) = clip_grad_norm_ + torch AdamW
     with decay on matrices only."""
     from hai_llm.parallel.zero import ZeroOptimizer
-    from hai_llm.train.optim import set_lr
+    from hai_llm.optim import set_lr
 
     a, b = _tiny_net(0), _tiny_net(0)
     zo = ZeroOptimizer(a, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, moments_dtype=torch.float32)
@@ -403,7 +412,7 @@ def test_single_process_zero_optimizer_matches_torch_adamw_with_clipping():
         ref.step()
         clipped += norm > 0.5
         assert abs(norm - ref_norm) <= 1e-6 * ref_norm
-        for pa, pb in zip(a.parameters(), b.parameters()):
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
             torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
     assert clipped >= 1  # the clipping path was exercised
 
@@ -413,7 +422,7 @@ def test_trainer_optimizer_groups_and_moments_dtype(make_config, tmp_path):
     t.train_step()
     opt = t.optimizer
     wd = t.cfg.optim.weight_decay
-    for b, g in zip(opt.buckets, opt.param_groups):
+    for b, g in zip(opt.buckets, opt.param_groups, strict=True):
         assert g["params"] == [b.master]
         # matrices decay, vectors (norm weights) do not
         assert all((p.ndim >= 2) == b.decay for p in b.params)
@@ -427,7 +436,7 @@ def test_trainer_optimizer_groups_and_moments_dtype(make_config, tmp_path):
     assert sorted(names) == sorted(n for n, _ in t.model.named_parameters())
     # the model parameters are the (all-gathered) master weights
     for b in opt.buckets:
-        for p, o in zip(b.params, b.offsets):
+        for p, o in zip(b.params, b.offsets, strict=True):  # bit-exact: params are copies
             assert torch.equal(p.detach().flatten(), b.master[o:o + p.numel()])
 
 
@@ -440,11 +449,12 @@ def test_metrics_jsonl_and_plot(make_config, tmp_path):
     res = t.fit()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for i, (row, r) in enumerate(zip(rows, res)):
+    assert len(rows) == len(res) == 3
+    for i, (row, r) in enumerate(zip(rows, res, strict=True)):
         for k in ("loss", "ce", "mtp", "balance", "lr", "tokens_per_s", "grad_norm",
                   "expert_load_max_over_mean", "expert_load_worst_layer"):
             assert k in row and math.isfinite(row[k]), k
-        assert row["loss"] == r.loss
+        assert row["loss"] == r.loss  # exact: the logged number is the returned one (JSON float repr)
         assert row["lr"] == lr_at(i, 3, cfg.optim)
         assert row["tokens_per_s"] > 0
         load = r.expert_load.float()
@@ -502,9 +512,8 @@ def test_wandb_offline_run(tmp_path, corpus_dir, monkeypatch):
     out = tmp_path / "run"
     t0 = time.perf_counter()
     summary = run(_compose(_fast_overrides(out, corpus_dir, 2, wandb="offline")))
-    elapsed = time.perf_counter() - t0
+    print(f"wandb offline run: {time.perf_counter() - t0:.1f} s wall")  # information, not a check
     assert math.isfinite(summary["final_loss"])
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").iterdir())
     assert list(runs[0].glob("*.wandb"))  # the offline log that `wandb sync` uploads later
-    assert elapsed < 60, elapsed

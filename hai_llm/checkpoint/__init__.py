@@ -1,9 +1,4 @@
-"""Checkpoint formats. ``hf``: Hugging Face / DeepSeek safetensors (config mapping, rename table,
-streaming load/save), re-exported here so callers write ``from hai_llm.checkpoint import ...``."""
-from .hf import (CheckpointMismatchError, LoadReport, args_from_hf_config, check_config_matches,
-                 convert_state_dict_from_hf, convert_state_dict_to_hf, hf_config_from_args, load_hf_checkpoint,
-                 save_hf_checkpoint)
-
-__all__ = ["CheckpointMismatchError", "LoadReport", "args_from_hf_config", "check_config_matches",
-           "convert_state_dict_from_hf", "convert_state_dict_to_hf", "hf_config_from_args", "load_hf_checkpoint",
-           "save_hf_checkpoint"]
+"""Training checkpoints: ``store`` (atomic torch.distributed.checkpoint save / load, the
+``latest`` pointer, pruning, the resolved config and JSON summaries) and ``zero_state`` (the
+ZeRO-1 optimizer's master weights and moments in per-parameter global coordinates, so a run
+resumes under any layout). Hugging Face interop is a separate package, ``hai_llm.interop``."""

@@ -1,4 +1,4 @@
-"""FP8 mixed-precision training (DeepSeek-V3's recipe, REFERENCE.md section 3) as a module swap.
+"""FP8 mixed-precision training (DeepSeek-V3's recipe, docs/deepseek_v3.md) as a module swap.
 
 ``convert_to_fp8(model)`` is applied to a built model (the trainer does it right after
 ``build_model`` when ``train.precision=fp8``, before any parallelization):

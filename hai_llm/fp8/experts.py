@@ -27,6 +27,12 @@ recomputed"):
 * the master weights (parameters, no extra memory), re-quantized per 128x128 block in backward
   (deterministic, bit-identical to the forward's FP8 weights).
 
+No host synchronisation: the per-expert counts stay on the device; the group offsets are built
+there once per layer (``hai_llm.kernels.fp8_grouped_gemm.group_offsets``) and shared by the
+nine grouped GEMMs of forward and backward, whose grids are sized without reading the counts.
+Backward quantizes the Dgrad weights and the Wgrad operands straight into the K-major layouts
+(``transpose=True``) that the FP8 tensor cores read.
+
 The expert input ``x`` is quantized with power-of-two scales (``pow2_scale=True``, the format of
 the FP8 dispatch payload of the paper and of ``hai_llm.parallel.transport``): re-quantizing a
 tensor that already went through a 1x128 power-of-two FP8 rounding is then the identity, so with
@@ -46,41 +52,26 @@ import torch
 import torch.nn.functional as F
 
 from hai_llm.kernels.fp8_grouped_gemm import (fp8_grouped_gemm, fp8_grouped_gemm_dgrad,
-                                              fp8_grouped_gemm_wgrad)
-from hai_llm.kernels.fp8_quant import (_scale_from_amax_ref, _to_e4m3_ref, act_dequant_ref,
-                                       act_quant, act_quant_colwise, weight_quant)
+                                              fp8_grouped_gemm_wgrad, group_offsets)
+from hai_llm.kernels.fp8_quant import (act_dequant_ref, act_quant, act_quant_colwise,
+                                       stacked_weight_quant)
 from hai_llm.model.moe import GroupedExperts
 
 from .linear import grad_quant, output_dtype, resolve_use_triton, retile_colwise, run_wgrad
 
 __all__ = ["Fp8GroupedExperts", "expert_weight_quant", "fp8_grouped_swiglu"]
 
-BLOCK = 128
-
-
-def expert_weight_quant(w: torch.Tensor, *, use_triton: bool):
-    """128x128 block quantization of each expert of a stacked [E, N, K] weight.
+def expert_weight_quant(w: torch.Tensor, *, use_triton: bool, transpose: bool = False):
+    """128x128 block quantization of each expert of a stacked [E, N, K] weight, in one launch.
 
     Returns (q [E, N, K] fp8, scales [E, ceil(N/128), ceil(K/128)] fp32), identical to
-    ``weight_quant`` applied to every ``w[e]``. When N is a multiple of 128 the blocks never
-    straddle two experts and one call on the [E*N, K] view does all of them.
+    ``weight_quant`` applied to every ``w[e]``; with ``transpose`` the same codes and scales stored
+    as q [E, K, N], scales [E, ceil(K/128), ceil(N/128)] (the K-major operand of a grouped Dgrad).
     """
-    e, n, k = w.shape
     w = w.detach()
     if not w.is_contiguous():
         w = w.contiguous()
-    if n % BLOCK == 0 or e == 1:
-        q, s = weight_quant(w.reshape(e * n, k), use_triton=use_triton)
-        return q.view(e, n, k), s.view(e, -1, s.shape[-1])
-    if not use_triton:  # weight_quant_ref's math on all experts at once (one pass, no loop)
-        nb, kb = -(-n // BLOCK), -(-k // BLOCK)
-        wf = F.pad(w.float(), (0, kb * BLOCK - k, 0, nb * BLOCK - n))
-        blocks = wf.view(e, nb, BLOCK, kb, BLOCK)
-        s = _scale_from_amax_ref(blocks.abs().amax(dim=(2, 4)), False)
-        q = _to_e4m3_ref(blocks, s[:, :, None, :, None]).view(e, nb * BLOCK, kb * BLOCK)
-        return q[:, :n, :k].contiguous(), s
-    parts = [weight_quant(w[i], use_triton=use_triton) for i in range(e)]
-    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    return stacked_weight_quant(w, use_triton=use_triton, transpose=transpose)
 
 
 def _silu_grad(a: torch.Tensor) -> torch.Tensor:
@@ -92,23 +83,28 @@ class _Fp8GroupedSwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, w3, counts, use_triton: bool, pow2_scale: bool,
                 out_dtype: torch.dtype, wgrad_store):
-        sizes = counts.detach().to("cpu", torch.int64)  # host copy: one sync, reused 7 times
+        # The counts stay where they are (no host read): the Triton path builds the group
+        # offsets on the device once and hands them to all nine grouped GEMMs of the layer.
+        sizes = counts.detach()
+        if sizes.dtype not in (torch.int32, torch.int64):
+            sizes = sizes.long()
+        offs = group_offsets(sizes, x.device) if use_triton else None
+        gk = {"use_triton": use_triton, "group_offsets": offs}
         with torch.autocast(x.device.type, enabled=False):
             x = x if x.is_contiguous() else x.contiguous()
             xq, xs = act_quant(x, pow2_scale=pow2_scale, use_triton=use_triton)
             w1q, w1s = expert_weight_quant(w1, use_triton=use_triton)
             w3q, w3s = expert_weight_quant(w3, use_triton=use_triton)
             w2q, w2s = expert_weight_quant(w2, use_triton=use_triton)
-            h1 = fp8_grouped_gemm(xq, xs, w1q, w1s, sizes, use_triton=use_triton)
-            h3 = fp8_grouped_gemm(xq, xs, w3q, w3s, sizes, use_triton=use_triton)
+            h1 = fp8_grouped_gemm(xq, xs, w1q, w1s, sizes, **gk)
+            h3 = fp8_grouped_gemm(xq, xs, w3q, w3s, sizes, **gk)
             h = F.silu(h1) * h3
             hq, hs = act_quant(h, use_triton=use_triton)
-            y = fp8_grouped_gemm(hq, hs, w2q, w2s, sizes, use_triton=use_triton,
-                                 out_dtype=out_dtype)
+            y = fp8_grouped_gemm(hq, hs, w2q, w2s, sizes, out_dtype=out_dtype, **gk)
             # the SwiGLU inputs, cached in FP8 (h and the fp32 h1/h3 die here)
             h1q, h1s = act_quant(h1, use_triton=use_triton)
             h3q, h3s = act_quant(h3, use_triton=use_triton)
-        ctx.save_for_backward(xq, xs, h1q, h1s, h3q, h3s, w1, w2, w3, sizes)
+        ctx.save_for_backward(xq, xs, h1q, h1s, h3q, h3s, w1, w2, w3, sizes, offs)
         ctx.use_triton = use_triton
         ctx.pow2_scale = pow2_scale
         ctx.wgrad_store = wgrad_store
@@ -117,8 +113,9 @@ class _Fp8GroupedSwiGLUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        xq, xs, h1q, h1s, h3q, h3s, w1, w2, w3, sizes = ctx.saved_tensors
+        xq, xs, h1q, h1s, h3q, h3s, w1, w2, w3, sizes, offs = ctx.saved_tensors
         ut = ctx.use_triton
+        gk = {"use_triton": ut, "group_offsets": offs}
         need_x, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:4]
         dev = dy.device
         dx = None
@@ -131,34 +128,36 @@ class _Fp8GroupedSwiGLUFn(torch.autograd.Function):
             dh1 = dh3 = None
             if need_x or need_w1 or need_w3:
                 dyq, dys = grad_quant(dy, use_triton=ut)
-                w2q, w2s = expert_weight_quant(w2, use_triton=ut)
-                dh = fp8_grouped_gemm_dgrad(dyq, dys, w2q, w2s, sizes, use_triton=ut)
+                # Dgrad reads W[e]^T: quantized straight into [E, K, N] (K-major), same codes
+                w2q, w2s = expert_weight_quant(w2, use_triton=ut, transpose=True)
+                dh = fp8_grouped_gemm_dgrad(dyq, dys, w2q, w2s, sizes, b_kmajor=True, **gk)
                 dh1 = dh * h3 * _silu_grad(h1)
                 dh3 = dh * s1
                 del dh
             if need_x:
-                w1q, w1s = expert_weight_quant(w1, use_triton=ut)
-                w3q, w3s = expert_weight_quant(w3, use_triton=ut)
+                w1q, w1s = expert_weight_quant(w1, use_triton=ut, transpose=True)
+                w3q, w3s = expert_weight_quant(w3, use_triton=ut, transpose=True)
                 d1q, d1s = grad_quant(dh1, use_triton=ut)
                 d3q, d3s = grad_quant(dh3, use_triton=ut)
-                dx = fp8_grouped_gemm_dgrad(d1q, d1s, w1q, w1s, sizes, use_triton=ut)
-                dx += fp8_grouped_gemm_dgrad(d3q, d3s, w3q, w3s, sizes, use_triton=ut)
+                dx = fp8_grouped_gemm_dgrad(d1q, d1s, w1q, w1s, sizes, b_kmajor=True, **gk)
+                dx += fp8_grouped_gemm_dgrad(d3q, d3s, w3q, w3s, sizes, b_kmajor=True, **gk)
                 dx = dx.to(ctx.x_dtype)
             h = s1 * h3 if need_w2 else None
             del h1, h3, s1
         pow2 = ctx.pow2_scale
 
         def wgrad(d, a, w, a_pow2=False, a_cached=False):
-            """dW[e] = d_e^T a_e over the global 128x1 token tiles of d and a."""
+            """dW[e] = d_e^T a_e over the global 128x1 token tiles of d and a, both quantized
+            transposed ([., tokens], tokens contiguous: the K-major operands)."""
             def thunk():
                 with torch.autocast(dev.type, enabled=False):
-                    dc, dcs = grad_quant(d, colwise=True, use_triton=ut)
+                    dc, dcs = grad_quant(d, colwise=True, use_triton=ut, transpose=True)
                     if a_cached:  # the FP8 expert input, re-tiled 1x128 -> 128x1
-                        ac, acs = retile_colwise(a[0], a[1], a_pow2, ut)
+                        ac, acs = retile_colwise(a[0], a[1], a_pow2, ut, transpose=True)
                     else:
-                        ac, acs = act_quant_colwise(a, use_triton=ut)
-                    return fp8_grouped_gemm_wgrad(dc, dcs, ac, acs, sizes, use_triton=ut,
-                                                  out_dtype=w.dtype)
+                        ac, acs = act_quant_colwise(a, use_triton=ut, transpose=True)
+                    return fp8_grouped_gemm_wgrad(dc, dcs, ac, acs, sizes, out_dtype=w.dtype,
+                                                  transposed=True, **gk)
             return w, thunk
 
         dw1, dw2, dw3 = run_wgrad(ctx.wgrad_store, [

@@ -1,7 +1,8 @@
 """FP8 Linear: all three GEMMs of ``y = x W^T`` in E4M3 with fine-grained online scales.
 
-The DeepSeek-V3 recipe (REFERENCE.md section 3), as a drop-in ``nn.Linear`` subclass with the
-same parameters (an fp32 master ``weight`` of shape [out, in], optional ``bias``):
+The DeepSeek-V3 recipe (docs/deepseek_v3.md; arXiv:2412.19437, section 3.3), as a drop-in
+``nn.Linear`` subclass with the same parameters (an fp32 master ``weight`` of shape [out, in],
+optional ``bias``):
 
     Fprop  y  = x @ W^T      x: 1x128 tiles (act_quant)      W: 128x128 blocks (weight_quant)
     Dgrad  dx = dy @ W       dy: 1x128 tiles                 W: the same 128x128 blocks
@@ -35,7 +36,14 @@ a custom E5M6 format; we keep E4M3 (with power-of-two scales) for it like for ev
 
 Gradient quantization: dy is scaled by a power of two bringing its max into [0.5, 1) before the
 tile quantizers, and the scales are divided by the same factor (``grad_quant``): exact, and it
-keeps the quantizers' absolute amax floor (1e-4) from flattening small gradients.
+keeps the quantizers' absolute amax floor (1e-4) from flattening small gradients. A NaN or inf in
+dy (or x) gives its tiles NaN scales (``hai_llm.kernels.fp8_quant``), so dx and dW come out NaN and
+the trainer's non-finite-step check sees the step, on the GPU as on the CPU.
+
+Operand layouts: backward quantizes straight into the K-major layouts the FP8 tensor cores read,
+the weight transposed for Dgrad (``weight_quant(..., transpose=True)``) and dy, x transposed for
+Wgrad (``act_quant_colwise(..., transpose=True)``): same codes and scales as the row-major
+quantization, no extra copy before the GEMMs.
 
 Zero-bubble pipelines: with ``wgrad_store`` set (an object with ``defer(fn)``), backward computes
 only dx and hands the Wgrad GEMM to ``store.defer`` as a closure that accumulates into ``.grad``.
@@ -99,14 +107,18 @@ def grad_prescale(t: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(amax), -e)
 
 
-def grad_quant(t: torch.Tensor, *, colwise: bool = False, use_triton: bool):
-    """``act_quant`` (1x128) or ``act_quant_colwise`` (128x1) of a gradient, with the amax floor
-    made relative to the tensor (see ``grad_prescale``); same (q, scale) contract."""
+def grad_quant(t: torch.Tensor, *, colwise: bool = False, use_triton: bool,
+               transpose: bool = False):
+    """``act_quant`` (1x128) or ``act_quant_colwise`` (128x1; with ``transpose`` stored
+    transposed, the K-major Wgrad operand) of a gradient, with the amax floor made relative to the
+    tensor (see ``grad_prescale``); same (q, scale) contract."""
     g = grad_prescale(t)
-    quant = act_quant_colwise if colwise else act_quant
     # bf16 has fp32's exponent range, so t * g stays exact there; fp16 goes through fp32
     tg = t.float() * g if t.dtype == torch.float16 else t * g.to(t.dtype)
-    q, s = quant(tg, use_triton=use_triton)
+    if colwise:
+        q, s = act_quant_colwise(tg, use_triton=use_triton, transpose=transpose)
+    else:
+        q, s = act_quant(tg, use_triton=use_triton)
     return q, s / g
 
 
@@ -154,10 +166,13 @@ def input_quant(x: torch.Tensor, k: int, pow2_scale: bool, use_triton: bool):
     return q, s
 
 
-def retile_colwise(q: torch.Tensor, s: torch.Tensor, pow2_scale: bool, use_triton: bool):
+def retile_colwise(q: torch.Tensor, s: torch.Tensor, pow2_scale: bool, use_triton: bool,
+                   transpose: bool = False):
     """128x1 (token-tiled) FP8 of a tensor cached as 1x128 FP8 tiles [T, K]: dequantize (exact)
-    and re-quantize column-wise (a second E4M3 rounding, exact up to underflow with pow2 scales)."""
-    return act_quant_colwise(act_dequant_ref(q, s), pow2_scale=pow2_scale, use_triton=use_triton)
+    and re-quantize column-wise (a second E4M3 rounding, exact up to underflow with pow2 scales).
+    ``transpose``: stored as [K, T] with scales [K, ceil(T/128)] (the K-major Wgrad operand)."""
+    return act_quant_colwise(act_dequant_ref(q, s), pow2_scale=pow2_scale, use_triton=use_triton,
+                             transpose=transpose)
 
 
 @torch.no_grad()
@@ -224,17 +239,20 @@ class _Fp8LinearFn(torch.autograd.Function):
             if not dy2.is_contiguous():
                 dy2 = dy2.contiguous()
             if ctx.needs_input_grad[0]:
-                # Dgrad: dy per 1x128 tile (never block-wise: REFERENCE.md section 3's warning)
+                # Dgrad: dy per 1x128 tile (never block-wise: the paper's warning, arXiv:2412.19437)
                 dyq, dys = grad_quant(dy2, use_triton=ut)
-                wq, ws = weight_quant(weight.detach(), use_triton=ut)
-                dx = fp8_linear_dgrad(dyq, dys, wq, ws, use_triton=ut,
-                                      out_dtype=ctx.x_dtype).view(*ctx.lead, k)
+                # W^T [K, N] (K-major for the GEMM): the same blocks and codes as Fprop's W
+                wq, ws = weight_quant(weight.detach(), use_triton=ut, transpose=True)
+                dx = fp8_linear_dgrad(dyq, dys, wq, ws, use_triton=ut, out_dtype=ctx.x_dtype,
+                                      w_transposed=True).view(*ctx.lead, k)
 
         def wgrad(weight=weight, dy2=dy2, xq=xq, xs=xs, pow2=ctx.pow2_scale):
             with _no_autocast(dev):
-                dyc, dycs = grad_quant(dy2, colwise=True, use_triton=ut)
-                xc, xcs = retile_colwise(xq, xs, pow2, ut)
-                return fp8_linear_wgrad(dyc, dycs, xc, xcs, use_triton=ut, out_dtype=weight.dtype)
+                # dy^T [N, T] and x^T [K, T], 128x1 tiles along T, T contiguous (K-major)
+                dyc, dycs = grad_quant(dy2, colwise=True, use_triton=ut, transpose=True)
+                xc, xcs = retile_colwise(xq, xs, pow2, ut, transpose=True)
+                return fp8_linear_wgrad(dyc, dycs, xc, xcs, use_triton=ut, out_dtype=weight.dtype,
+                                        transposed=True)
 
         def bgrad(dy2=dy2, dtype=ctx.bias_dtype):
             return dy2.float().sum(0).to(dtype)

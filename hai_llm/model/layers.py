@@ -81,6 +81,18 @@ class Rope(NamedTuple):
     pos: torch.Tensor  # [S] int64
 
 
+def rope_at(cos_table: torch.Tensor, sin_table: torch.Tensor, pos_S: torch.Tensor) -> Rope:
+    """The :class:`Rope` of positions ``pos_S`` gathered from [max_seq_len, R/2] tables; a
+    position beyond the tables is an error, not a silent wrap or an index crash."""
+    # Checked where it is free: on CPU. On an accelerator the read would block the host until
+    # the device queue drains (every micro-batch); an out-of-range index there trips the
+    # device-side bounds assert of the gather instead, and data.seq_len <= max_seq_len is
+    # validated with the config before any step.
+    if pos_S.device.type == "cpu" and int(pos_S.max()) >= cos_table.shape[0]:
+        raise ValueError(f"position {int(pos_S.max())} exceeds model max_seq_len={cos_table.shape[0]}")
+    return Rope(cos_table[pos_S], sin_table[pos_S], pos_S)
+
+
 def apply_rope(x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) by the position's angle: the complex
     multiply of DeepSeek's code. x: [B, S, H, R]; cos/sin: [S, R/2]."""

@@ -80,21 +80,40 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+def grouped_operands(x_RI: torch.Tensor, w_EOI: torch.Tensor):
+    """``(x, w, kernel)``: the operands a grouped GEMM of ``x`` and ``w`` runs on, and torch's
+    grouped-GEMM kernel for them (None: the zero-padded bmm path).
+
+    torch's grouped GEMM is a custom op without an autocast rule, so the cast autocast would
+    apply to a matmul is applied here by hand: under CUDA autocast both operands go to the
+    autocast dtype (the sm90 fast path needs bf16 inputs; fp32 operands would send it to a
+    per-expert fallback). Outside autocast the dtypes are kept: fp32/bf16/fp16 use the grouped
+    kernel, anything else (fp64 references) the padded bmm."""
+    dev = x_RI.device.type
+    if dev == "cuda" and torch.is_autocast_enabled(dev):
+        cast = torch.get_autocast_dtype(dev)
+        x_RI, w_EOI = x_RI.to(cast), w_EOI.to(cast)
+    kernel = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if kernel is None or x_RI.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+            or w_EOI.dtype != x_RI.dtype:
+        kernel = None
+    return x_RI, w_EOI, kernel
+
+
 def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """y[r] = x[r] @ w[e(r)]^T for rows sorted by expert, ``counts`` rows per expert.
 
-    fp32/bf16/fp16 use torch's grouped GEMM (one kernel over ragged groups, no padding);
-    other dtypes (fp64 references) scatter rows into a zero-padded [E, max_count, I]
-    batch and use one bmm.
+    One grouped-GEMM kernel over ragged groups, no padding (see :func:`grouped_operands` for
+    dtypes); other dtypes scatter rows into a zero-padded [E, max_count, I] batch and use one
+    bmm (that path reads the largest count on the host: it serves fp64 references only).
     """
     E = w_EOI.shape[0]
     if x_RI.shape[0] == 0:
         return x_RI.new_zeros(0, w_EOI.shape[1])
-    grouped = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    if grouped is not None and x_RI.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            and w_EOI.dtype == x_RI.dtype:
+    x_RI, w_EOI, kernel = grouped_operands(x_RI, w_EOI)
+    if kernel is not None:
         offs = counts_E.cumsum(0).to(torch.int32)
-        return _ContiguousGrad.apply(grouped(x_RI, w_EOI.transpose(-2, -1), offs=offs))
+        return _ContiguousGrad.apply(kernel(x_RI, w_EOI.transpose(-2, -1), offs=offs))
     expert_of_row = torch.repeat_interleave(torch.arange(E, device=x_RI.device), counts_E)
     start = counts_E.cumsum(0) - counts_E
     pos = torch.arange(x_RI.shape[0], device=x_RI.device) - start[expert_of_row]
@@ -133,8 +152,17 @@ def sort_by_expert(idx_TK: torch.Tensor, n_experts: int):
     flat = idx_TK.flatten()
     order = torch.argsort(flat, stable=True)
     token_of_row = order // idx_TK.shape[1]
-    counts = torch.bincount(flat, minlength=n_experts)
-    return order, token_of_row, counts
+    return order, token_of_row, expert_counts(flat, n_experts)
+
+
+def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each of ``n_experts`` (int64 [E]) from any tensor of expert ids.
+
+    ``scatter_add_`` into a fixed-size buffer: unlike ``bincount`` (whose output size depends on
+    the data, so CUDA must read the maximum back to the host) it never synchronises."""
+    flat = idx.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.long))
 
 
 def sequence_balance_loss(scores_BSE: torch.Tensor, idx_BSK: torch.Tensor, n_experts: int,
@@ -158,6 +186,16 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, idx_BSK: torch.Tensor, n_exp
     f = counts * (n_experts / (K * S))
     p_local = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).sum(1) / S
     return world * (f * p_local).sum(-1).mean()
+
+
+@dataclass
+class Routing:
+    """The router's decision for a flattened batch of tokens (``MoE.route``)."""
+
+    x_TD: torch.Tensor  # the FFN input, flattened to tokens
+    weights_TK: torch.Tensor  # fp32 routing weights of the K chosen experts
+    idx_TK: torch.Tensor  # expert ids
+    shape: tuple  # (B, S, D) to restore
 
 
 @dataclass
@@ -195,19 +233,31 @@ class MoE(nn.Module):
         y = y * weights_TK.flatten()[order].unsqueeze(-1).to(y.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_of_row, y.to(x_TD.dtype))
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def route(self, x_BSD: torch.Tensor) -> Routing:
+        """Score and choose experts for every token, recording the routing statistics."""
         B, S, D = x_BSD.shape
         x = x_BSD.reshape(B * S, D)
         weights, idx, scores = self.gate(x)
         self.record(scores.view(B, S, -1), idx.view(B, S, -1))
-        y = self.routed(x, weights, idx)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y.view(B, S, D)
+        return Routing(x, weights, idx, (B, S, D))
+
+    def shared(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        """Output of the always-on shared experts (None without them)."""
+        return None if self.shared_experts is None else self.shared_experts(x_TD)
+
+    @staticmethod
+    def merge(routed_TD: torch.Tensor, shared_TD: torch.Tensor | None, shape: tuple) -> torch.Tensor:
+        """routed + shared, back to [B, S, D]."""
+        y = routed_TD if shared_TD is None else routed_TD + shared_TD
+        return y.view(*shape)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        r = self.route(x_BSD)
+        return self.merge(self.routed(r.x_TD, r.weights_TK, r.idx_TK), self.shared(r.x_TD), r.shape)
 
     # -- balancing -----------------------------------------------------------------------
     def record(self, scores_BSE: torch.Tensor, idx_BSK: torch.Tensor) -> None:
-        counts = torch.bincount(idx_BSK.flatten(), minlength=self.n_experts).detach()
+        counts = expert_counts(idx_BSK.detach(), self.n_experts)
         if self.args.seq_aux_alpha > 0 and torch.is_grad_enabled():
             bal = self.args.seq_aux_alpha * sequence_balance_loss(scores_BSE, idx_BSK, self.n_experts,
                                                                   self.seq_reducer, self.seq_world)
@@ -232,6 +282,27 @@ class MoE(nn.Module):
     def reset_parameters(self, std: float) -> None:
         self.gate.reset_parameters(std)
         self.experts.reset_parameters(std)
+
+
+def pop_moe_stats(layers) -> list[MoEStats]:
+    """The statistics of the last forward of every layer in ``layers`` that ran one."""
+    out = []
+    for m in layers:
+        st = m.pop_stats()
+        if st is not None:
+            out.append(st)
+    return out
+
+
+@torch.no_grad()
+def update_expert_bias(layers, load_LE: torch.Tensor, gamma: float) -> None:
+    """Aux-loss-free bias step of every MoE layer in ``layers``; ``load_LE`` has one row per
+    layer, counted over the step's whole global batch."""
+    layers = list(layers)
+    if load_LE.shape[0] != len(layers):
+        raise ValueError(f"load has {load_LE.shape[0]} rows but the model has {len(layers)} MoE layers")
+    for m, load in zip(layers, load_LE):
+        m.update_bias(load, gamma)
 
 
 def expert_parameter_names(model: nn.Module) -> set[str]:

@@ -12,10 +12,13 @@ from collections import OrderedDict
 from torch import nn
 
 from .args import ModelArgs
+from .moe import expert_parameter_names
 from .transformer import build_model
 
 
-def _role(name: str) -> str:
+def _role(name: str, experts: set[str]) -> str:
+    if name in experts:  # the one marker: owned by a GroupedExperts
+        return "routed experts"
     if name.startswith("embed."):
         return "embedding"
     if name.startswith("head."):
@@ -26,8 +29,6 @@ def _role(name: str) -> str:
     core = "." + name.split(".block.", 1)[-1] if ".block." in name else name
     if ".attn." in core:
         return "attention (MLA)"
-    if ".ffn.experts." in core:
-        return "routed experts"
     if ".ffn.shared_experts." in core:
         return "shared experts"
     if ".ffn.gate." in core:
@@ -47,10 +48,11 @@ def parameter_table(args: ModelArgs) -> dict:
     rows: "OrderedDict[tuple[str, str], int]" = OrderedDict()
     # the routing bias is a buffer (never trained by gradients) but it is a checkpoint
     # weight like any other, and the paper's 671B count includes it
+    experts = expert_parameter_names(model)
     tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n.endswith("gate.bias")]
     for name, p in tensors:
         part = "mtp" if name.startswith("mtp.") else "main"
-        key = (part, _role(name))
+        key = (part, _role(name, experts))
         rows[key] = rows.get(key, 0) + p.numel()
     frac_idle = 1 - args.n_activated_experts / args.n_routed_experts if args.n_routed_experts else 0.0
     out = {"rows": rows}

@@ -17,11 +17,19 @@ from torch import nn
 
 from .args import ModelArgs
 from .attention import MLA
-from .layers import MLP, RMSNorm, Rope, maybe_recompute, rope_cos_sin
-from .moe import MoE, MoEStats
+from .layers import MLP, RMSNorm, Rope, maybe_recompute, rope_at, rope_cos_sin
+from .moe import MoE, MoEStats, pop_moe_stats, update_expert_bias
 
 
 class Block(nn.Module):
+    """One transformer block, exposed as the pieces every execution path composes.
+
+    ``forward`` = ``ffn_part(attn_part(x))``; a pipeline stage that overlaps two micro-batches
+    calls the same pieces one at a time (``attn_part``, ``ffn_input``, then the MoE's own
+    ``route`` / ``routed`` / ``shared`` / ``merge``, then ``residual``), so the arithmetic of a
+    block is written here only.
+    """
+
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
@@ -31,10 +39,33 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn = MoE(args) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim)
 
+    @property
+    def selective(self) -> bool:
+        return self.args.recompute == "selective"
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoE)
+
+    def attn_part(self, x_BSD: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """x + attention(attn_norm(x)): the attention half with its residual."""
+        return x_BSD + self.attn(maybe_recompute(self.selective, self.attn_norm, x_BSD), rope)
+
+    def ffn_input(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        """ffn_norm(h): what the FFN (or the MoE router and experts) reads."""
+        return maybe_recompute(self.selective, self.ffn_norm, h_BSD)
+
+    @staticmethod
+    def residual(h_BSD: torch.Tensor, y_BSD: torch.Tensor) -> torch.Tensor:
+        """The FFN half's residual add."""
+        return h_BSD + y_BSD
+
+    def ffn_part(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        """h + ffn(ffn_norm(h)): the FFN half with its residual."""
+        return self.residual(h_BSD, self.ffn(self.ffn_input(h_BSD)))
+
     def _forward(self, x, rope: Rope):
-        sel = self.args.recompute == "selective"
-        x = x + self.attn(maybe_recompute(sel, self.attn_norm, x), rope)
-        return x + self.ffn(maybe_recompute(sel, self.ffn_norm, x))
+        return self.ffn_part(self.attn_part(x, rope))
 
     def forward(self, x_BSD, rope: Rope):
         return maybe_recompute(self.args.recompute == "full", self._forward, x_BSD, rope)
@@ -52,10 +83,60 @@ class MTPModule(nn.Module):
         self.block = Block(layer_id, args)
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h_BSD, emb_BSD, rope: Rope):
+    def input_proj(self, h_BSD, emb_BSD):
+        """eh_proj([enorm(emb) ; hnorm(h)]): the block's input."""
         # embedding first in the concat: DeepSeek's released weights and HF/vLLM use this order
-        x = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
-        return self.block(x, rope)
+        return self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
+
+    def forward(self, h_BSD, emb_BSD, rope: Rope):
+        return self.block(self.input_proj(h_BSD, emb_BSD), rope)
+
+
+def head_ce(norm: nn.Module, head: nn.Module, h_BSD: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (in fp32) of ``head(norm(h))`` against ``targets`` over every position:
+    the loss of the main model (its final norm) and of each MTP depth (that module's norm),
+    all through the shared output head."""
+    return F.cross_entropy(head(norm(h_BSD)).flatten(0, 1).float(), targets_BS.flatten())
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The gradient each loss term receives from ``total_loss(...) / n_micro``.
+
+    A pipeline stage owns only some terms and back-propagates each one itself; it must seed
+    them with exactly what autograd of the one-device loss would, in the same floating-point
+    order: ``loss = ce + mtp_lambda * mean_k(mtp_k) + sum(balance)``, so ce and every balance
+    term get ``scale`` and each MTP depth gets ``(scale * mtp_lambda) / D`` (the product's
+    backward, then the mean's division)."""
+
+    mtp_lambda: float
+    n_mtp: int
+
+    @staticmethod
+    def of(args: ModelArgs) -> "LossWeights":
+        return LossWeights(args.mtp_lambda, args.n_mtp_layers)
+
+    def ce(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale
+
+    def balance(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale
+
+    def mtp_each(self, scale: torch.Tensor) -> torch.Tensor:
+        return (scale * self.mtp_lambda) / self.n_mtp
+
+
+def total_loss(ce: torch.Tensor, mtp: torch.Tensor, balance_terms, mtp_lambda: float):
+    """(loss, balance): ``ce + mtp_lambda * mtp + sum(balance_terms)``, summed left to right.
+
+    ``mtp`` is the mean over depths of the MTP cross-entropies (zero without MTP). The one
+    definition of the training objective: ``Transformer.loss`` and the pipeline runtime (which
+    recombines all-reduced per-stage values) both call it, so their losses are the same
+    floating-point expression."""
+    balance = ce.new_zeros(())
+    for b in balance_terms:
+        balance = balance + b
+    return ce + mtp_lambda * mtp + balance, balance
 
 
 @dataclass
@@ -114,9 +195,20 @@ class Transformer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------
     def rope(self, pos_S: torch.Tensor) -> Rope:
-        if int(pos_S.max()) >= self.args.max_seq_len:
-            raise ValueError(f"position {int(pos_S.max())} exceeds model max_seq_len={self.args.max_seq_len}")
-        return Rope(self.rope_cos[pos_S], self.rope_sin[pos_S], pos_S)
+        return rope_at(self.rope_cos, self.rope_sin, pos_S)
+
+    def embed_tokens(self, tokens_BT: torch.Tensor, pos_S: torch.Tensor, ahead: int = 0) -> torch.Tensor:
+        """Embeddings of the tokens ``ahead`` places after positions ``pos_S`` of the window."""
+        return self.embed(tokens_BT[:, pos_S + ahead])
+
+    def main_ce(self, h_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the main model's next-token prediction from its final hidden state."""
+        return head_ce(self.norm, self.head, h_BSD, tokens_BT[:, pos_S + 1])
+
+    def mtp_ce(self, depth: int, h_BSD: torch.Tensor, tokens_BT: torch.Tensor,
+               pos_S: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of MTP depth ``depth`` (1-based) from that module's output hidden state."""
+        return head_ce(self.mtp[depth - 1].norm, self.head, h_BSD, tokens_BT[:, pos_S + depth + 1])
 
     def hidden(self, tokens_BS: torch.Tensor, pos_S: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (before ``norm``) of the main model. ``pos_S``: global
@@ -136,11 +228,15 @@ class Transformer(nn.Module):
     def mtp_hidden(self, h_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> list[torch.Tensor]:
         """Normed hidden states of each MTP depth at positions ``pos_S``; depth k reads
         the embedding of the token k places ahead (tokens_BT is the whole window)."""
+        return [self.mtp[k - 1].norm(h) for k, h in enumerate(self.mtp_states(h_BSD, tokens_BT, pos_S), start=1)]
+
+    def mtp_states(self, h_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> list[torch.Tensor]:
+        """Output hidden states (before each module's ``norm``) of every MTP depth."""
         rope = self.rope(pos_S)
         outs = []
         for k, mod in enumerate(self.mtp, start=1):
-            h_BSD = mod(h_BSD, self.embed(tokens_BT[:, pos_S + k]), rope)
-            outs.append(mod.norm(h_BSD))
+            h_BSD = mod(h_BSD, self.embed_tokens(tokens_BT, pos_S, k), rope)
+            outs.append(h_BSD)
         return outs
 
     def loss(self, tokens_BT: torch.Tensor, pos_S: torch.Tensor | None = None) -> LossOutput:
@@ -155,35 +251,24 @@ class Transformer(nn.Module):
         if pos_S is None:
             pos_S = torch.arange(S, device=tokens_BT.device)
         h = self.hidden(tokens_BT[:, pos_S], pos_S)
-        ce = F.cross_entropy(self.head(self.norm(h)).flatten(0, 1).float(), tokens_BT[:, pos_S + 1].flatten())
-        mtp_terms = [F.cross_entropy(self.head(hk).flatten(0, 1).float(), tokens_BT[:, pos_S + k + 1].flatten())
-                     for k, hk in enumerate(self.mtp_hidden(h, tokens_BT, pos_S), start=1)]
+        ce = self.main_ce(h, tokens_BT, pos_S)
+        mtp_terms = [self.mtp_ce(k, hk, tokens_BT, pos_S)
+                     for k, hk in enumerate(self.mtp_states(h, tokens_BT, pos_S), start=1)]
         mtp = torch.stack(mtp_terms).mean() if mtp_terms else ce.new_zeros(())
         stats = self.pop_moe_stats()
-        balance = sum((s.balance_loss for s in stats), ce.new_zeros(()))
-        loss = ce + self.args.mtp_lambda * mtp + balance
+        loss, balance = total_loss(ce, mtp, [s.balance_loss for s in stats], self.args.mtp_lambda)
         counts = torch.stack([s.counts for s in stats]) if stats else None
         return LossOutput(loss=loss, ce=ce.detach(), mtp=mtp.detach(), balance=balance.detach(),
                           expert_counts=counts)
 
     def pop_moe_stats(self) -> list[MoEStats]:
-        out = []
-        for m in self.moe_layers():
-            s = m.pop_stats()
-            if s is not None:
-                out.append(s)
-        return out
+        return pop_moe_stats(self.moe_layers())
 
-    @torch.no_grad()
     def update_expert_bias(self, load_LE: torch.Tensor, gamma: float | None = None) -> None:
         """Apply the aux-loss-free bias step to every MoE layer; ``load_LE`` rows follow
         ``moe_layers()`` order and must be counted over the step's whole global batch."""
-        gamma = self.args.bias_update_speed if gamma is None else gamma
-        layers = self.moe_layers()
-        if load_LE.shape[0] != len(layers):
-            raise ValueError(f"load has {load_LE.shape[0]} rows but the model has {len(layers)} MoE layers")
-        for m, load in zip(layers, load_LE):
-            m.update_bias(load, gamma)
+        update_expert_bias(self.moe_layers(), load_LE,
+                           self.args.bias_update_speed if gamma is None else gamma)
 
 
 def materialize(module: nn.Module, device: str | torch.device) -> nn.Module:

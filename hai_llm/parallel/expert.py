@@ -32,7 +32,7 @@ mean over ranks of per-rank mean losses, every gradient is ``(1/W) * sum over ra
 grads`` (W = ranks sharing the batch, dp x sp).  A rank's local expert gradient already contains
 the contributions of the tokens of all ranks of its EP group (through the all-to-all backward),
 so: dense grads -> all_reduce(SUM) over dp_sp / W; expert grads -> all_reduce(SUM) over edp / W.
-:func:`reduce_ep_gradients` does exactly that.
+The trainer does it through ZeRO-1 reduce specs (``hai_llm.parallel.zero``, scale 1/W for both).
 """
 from __future__ import annotations
 
@@ -141,7 +141,12 @@ class ExpertBatch:
 
 
 class DispatchHandle:
-    """In-flight dispatch; ``wait()`` -> :class:`ExpertBatch` (differentiable)."""
+    """In-flight dispatch; ``wait()`` -> :class:`ExpertBatch` (differentiable).
+
+    ``token`` is the autograd link between the issuing and the waiting side: an empty tensor
+    whose backward waits for the reverse exchange. A caller that cuts its graph between the
+    two (a pipeline piece boundary: ``token.detach().requires_grad_()``) passes the leaf it
+    made to ``wait(token=leaf)`` so the wait hangs off its own graph."""
 
     def __init__(self, op: _Op, token: torch.Tensor, dtype: torch.dtype):
         self._op, self._token, self._dtype = op, token, dtype
@@ -151,16 +156,21 @@ class DispatchHandle:
     def comm(self):
         return self._op.fwd
 
-    def wait(self) -> ExpertBatch:
+    @property
+    def token(self) -> torch.Tensor:
+        return self._token
+
+    def wait(self, token: torch.Tensor | None = None) -> ExpertBatch:
         if self._batch is None:
-            rows, w_rows = _DispatchWait.apply(self._op, self._token)
+            rows, w_rows = _DispatchWait.apply(self._op, self._token if token is None else token)
             self._batch = ExpertBatch(rows, w_rows.view(-1), self._op.plan.local_counts, self._op.plan,
                                       self._dtype)
         return self._batch
 
 
 class CombineHandle:
-    """In-flight combine; ``wait()`` -> [T, D] routed output in original token order."""
+    """In-flight combine; ``wait()`` -> [T, D] routed output in original token order.
+    ``token`` / ``wait(token=...)`` as for :class:`DispatchHandle`."""
 
     def __init__(self, op: _Op, token: torch.Tensor):
         self._op, self._token = op, token
@@ -170,9 +180,13 @@ class CombineHandle:
     def comm(self):
         return self._op.fwd
 
-    def wait(self) -> torch.Tensor:
+    @property
+    def token(self) -> torch.Tensor:
+        return self._token
+
+    def wait(self, token: torch.Tensor | None = None) -> torch.Tensor:
         if self._out is None:
-            self._out = _CombineWait.apply(self._op, self._token)
+            self._out = _CombineWait.apply(self._op, self._token if token is None else token)
         return self._out
 
 
@@ -236,7 +250,7 @@ class ExpertSlice:
 
 def _resolve(groups, ep_rank, ep_size, gpus_per_node, all_ep_ranks):
     """(ep_group, ep_ranks, ep_rank, gpus_per_node, all_ep_ranks) from MeshGroups or a group."""
-    from .dims import MeshGroups
+    from hai_llm.layout.dims import MeshGroups
 
     if isinstance(groups, MeshGroups):
         ep_group = groups.group("ep")
@@ -321,93 +335,7 @@ def _expert_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Expert
                 yield (f"{mname}.{pname}" if mname else pname), getattr(mod, pname), sl
 
 
-def is_expert_param_name(model: nn.Module, fqn: str) -> bool:
-    return fqn in expert_param_slices(model)
-
-
 def expert_param_slices(model: nn.Module) -> dict[str, tuple[tuple[int, ...], int]]:
     """{fqn: (global_shape, row_offset)}: the local tensor is rows
     [row_offset, row_offset + local_shape[0]) of a global tensor of ``global_shape``."""
     return {name: ((sl.n_global,) + tuple(p.shape[1:]), sl.offset) for name, p, sl in _expert_params(model)}
-
-
-@torch.no_grad()
-def _gather_rows(model: nn.Module, group, grads: bool) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p, sl in _expert_params(model):
-        t = p.grad if grads else p
-        t = torch.zeros_like(p) if t is None else t.detach()
-        g = group if group is not None else sl.ep_group
-        parts = [torch.empty_like(t) for _ in range(sl.ep_size)]
-        if sl.ep_size == 1:
-            parts = [t.clone()]
-        else:
-            dist.all_gather(parts, t.contiguous(), group=g)
-        out[name] = torch.cat(parts, 0)
-    return out
-
-
-def gather_expert_grads(model: nn.Module, group=None) -> dict[str, torch.Tensor]:
-    """{fqn: full [E, ...] gradient} all-gathered over the EP group (collective; None grads count
-    as zeros).  These are the LOCAL grads: divide by the batch world after reducing over edp."""
-    return _gather_rows(model, group, grads=True)
-
-
-def gather_expert_params(model: nn.Module, group=None) -> dict[str, torch.Tensor]:
-    """{fqn: full [E, ...] parameter} all-gathered over the EP group (collective)."""
-    return _gather_rows(model, group, grads=False)
-
-
-@torch.no_grad()
-def reduce_ep_gradients(model: nn.Module, dense_group=None, edp_group=None,
-                        batch_world: int | None = None) -> None:
-    """Turn local grads into global ones for a loss that is the mean over ``batch_world`` ranks
-    (default: size of ``dense_group``, None = world): dense grads all_reduce(SUM) over
-    ``dense_group`` / W; expert grads all_reduce(SUM) over ``edp_group`` (their replicas; None or
-    size 1 = none) / W.  Collective; parameters are visited in ``named_parameters`` order."""
-    W = batch_world or dist.get_world_size(dense_group)
-    expert_names = set(expert_param_slices(model))
-    edp_size = 1 if edp_group is None else dist.get_world_size(edp_group)
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        if name in expert_names:
-            if edp_size > 1:
-                dist.all_reduce(p.grad, group=edp_group)
-        else:
-            dist.all_reduce(p.grad, group=dense_group)
-        p.grad.div_(W)
-
-
-@torch.no_grad()
-def grad_norm_ep(model: nn.Module, ep_group=None) -> torch.Tensor:
-    """Global L2 norm of (already reduced) gradients: dense grads are replicated and counted
-    once; the squared norms of the expert shards are summed over the EP group (collective), so
-    clipping sees the experts held by the other EP ranks too."""
-    shards = {name: sl for name, _, sl in _expert_params(model)}
-    dense = torch.zeros((), dtype=torch.float64)
-    expert = torch.zeros((), dtype=torch.float64)
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if name in shards:
-            expert += sq
-        else:
-            dense += sq
-    sl = next(iter(shards.values()), None)
-    if sl is not None and sl.ep_size > 1:
-        dist.all_reduce(expert, group=ep_group if ep_group is not None else sl.ep_group)
-    return (dense + expert).sqrt()
-
-
-def global_expert_load(local_counts_LE: torch.Tensor, group=None) -> torch.Tensor:
-    """Expert load of the whole batch: all_reduce(SUM) of per-rank token counts [L, E] over the
-    ranks that share the batch (the trainer passes the dp x sp group; None = world).  Every rank
-    gets the same tensor, so ``Transformer.update_expert_bias`` applies identical updates."""
-    load = local_counts_LE.detach().clone()
-    if group is not None or dist.is_initialized():
-        dist.all_reduce(load, group=group)
-    return load

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from hai_llm.kernels.moe_permute import dequantize_ref, permute, routing_to_send_order, unpermute_combine
+from hai_llm.layout.layout import TRANSPORTS
 
 FP8_BLOCK = 128  # 1x128 activation tiles, one power-of-2 scale each (REFERENCE.md sec. 3)
 _TOKEN_BITS = 32  # canonical key = ((local_expert * ep + src_rank) << 32) + src_token
@@ -628,9 +629,6 @@ class HierarchicalTransport(Transport):
             aux = aux_back.new_zeros(plan.n_tokens * plan.topk, aux_back.shape[1])
             aux[plan.row_slot] = aux_back
         return out, aux
-
-
-TRANSPORTS = ("flat", "hierarchical")
 
 
 def build_transport(kind: str, ep_group, ep_ranks: Sequence[int], gpus_per_node: int,

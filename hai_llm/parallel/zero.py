@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from hai_llm.parallel.comm import all_gather_single, reduce_scatter_single
 from torch import nn
 
-from hai_llm.train.optim import AdamW
+from hai_llm.optim.adamw import AdamW
+from hai_llm.parallel.comm import all_gather_single, reduce_scatter_single
 
 
 @dataclass
@@ -204,9 +204,7 @@ class ZeroOptimizer:
 
     def sharded_state(self) -> dict:
         """{"<kind>.<fqn>": 1-D tensor view of the owned range} plus the step count, in a
-        form ``hai_llm.parallel.zero_ckpt`` turns into DCP-ready sharded tensors."""
-        from hai_llm.parallel.zero_ckpt import owned_pieces
-
+        form ``hai_llm.checkpoint.zero_state`` turns into DCP-ready sharded tensors."""
         out = {}
         for b in self.buckets:
             tensors = self._state_tensors(b)
@@ -221,3 +219,54 @@ class ZeroOptimizer:
         for b in self.buckets:
             self._state_tensors(b)
             self.inner.state[b.master]["step"].fill_(step)
+
+
+# ------------------------------------------------------------------ ownership of global ranges
+@dataclass
+class ShardPiece:
+    """One parameter's part of a bucket shard, in bucket, global and parameter coordinates."""
+
+    name: str
+    bucket_lo: int  # range inside this rank's master shard
+    bucket_hi: int
+    global_lo: int  # range inside the parameter's global flattened tensor
+    global_hi: int
+    global_numel: int
+    param_lo: int  # range inside the local parameter, flattened
+    param_hi: int
+
+
+def _elems_per_row(p: torch.Tensor) -> int:
+    return p.numel() // p.shape[0] if p.ndim else 1
+
+
+def _pieces_for(b, j: int, row_offset: int) -> list[ShardPiece]:
+    """Pieces owned by reduce-group member j of bucket b, for the slice at row_offset."""
+    lo_j, hi_j = j * b.shard, (j + 1) * b.shard
+    out = []
+    for name, p, o in zip(b.names, b.params, b.offsets):
+        lo, hi = max(o, lo_j), min(o + p.numel(), hi_j)
+        if lo >= hi:
+            continue
+        epr = _elems_per_row(p)
+        rows = b.spec.global_rows or (p.shape[0] if p.ndim else 1)
+        base = row_offset * epr
+        out.append(ShardPiece(name, lo - lo_j, hi - lo_j, base + lo - o, base + hi - o,
+                              rows * epr if p.ndim else 1, lo - o, hi - o))
+    return out
+
+
+def owned_pieces(b) -> list[ShardPiece]:
+    """The pieces of bucket ``b`` this rank owns (its reduce-scattered slice)."""
+    return _pieces_for(b, b.rank, b.spec.row_offset)
+
+
+def global_layout(b) -> dict[str, list[tuple[int, int, int]]]:
+    """fqn -> [(global_lo, global_hi, owner_global_rank)] over every rank holding it."""
+    peers = b.spec.peer_slices or [(b.spec.ranks, b.spec.row_offset)]
+    out: dict[str, list[tuple[int, int, int]]] = {}
+    for ranks, row_offset in peers:
+        for j, r in enumerate(ranks):
+            for pc in _pieces_for(b, j, row_offset):
+                out.setdefault(pc.name, []).append((pc.global_lo, pc.global_hi, r))
+    return out

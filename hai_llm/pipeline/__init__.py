@@ -1,22 +1,20 @@
-"""Pipeline parallelism: schedules as data (``schedules``), their simulator and Gantt charts
-(``simulator``, ``gantt``), stage partitioning (``stage``), the piecewise / overlapped
-forward-backward (``overlap``), the P2P executor (``executor``) and the trainer runtime
-(``runtime.PipelineRuntime``).  See docs/pipeline.md.
+"""Pipeline parallelism: the simulator and Gantt charts of the schedules (``simulator``,
+``gantt``; the schedules themselves are data in ``hai_llm.layout.schedules``), cutting a model
+into stages (``stage``), the piecewise / overlapped forward-backward (``overlap``), the P2P
+executor (``executor``). The trainer runtime is ``hai_llm.runtime.pipeline.PipelineRuntime``.
+See docs/pipeline.md.
 
-Names are imported lazily so that ``import hai_llm.pipeline.schedules`` stays torch-free.
+Names are imported lazily so that importing one submodule does not pull in the others.
 """
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "Action": "schedules", "OneFOneB": "schedules", "ZB1P": "schedules", "DualPipe": "schedules",
-    "DualPipeV": "schedules", "check_schedule": "simulator", "simulate": "simulator",
+    "check_schedule": "simulator", "simulate": "simulator",
     "StageModule": "stage", "PipelineModel": "stage", "build_pipeline_model": "stage",
-    "partition_layers": "stage", "PipelineExecutor": "executor", "record_collectives": "executor",
-    "check_collective_order": "executor", "WeightGradStore": "overlap",
-    "install_weight_grad_split": "overlap", "PipelineRuntime": "runtime",
-    "validate_pipeline": "runtime", "pipeline_dims": "runtime",
+    "PipelineExecutor": "executor", "WeightGradStore": "wgrad_split",
+    "split_weight_grads": "wgrad_split",
 }
 
 __all__ = sorted(_EXPORTS)

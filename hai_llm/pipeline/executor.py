@@ -25,8 +25,8 @@ Tracing: with ``trace=True`` every action, every piece and every receive wait is
 wall-clock :class:`~hai_llm.pipeline.gantt.Span` (``spans``), ready for a Chrome trace per rank
 or a Gantt chart of all ranks (``PipelineRuntime.write_trace``).
 
-:func:`record_collectives` (a context manager) logs every torch.distributed call of a rank, so
-a test can check that all members of every group issue their collectives in the same order.
+Collective order across ranks is checked with the one tracer,
+:mod:`hai_llm.parallel.collective_trace` (``CollectiveRecorder`` + ``check_consistent``).
 """
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ import torch
 import torch.distributed as dist
 
 from .gantt import Span
-from .overlap import (Tape, WeightGradStore, build_stage_pieces, run_closures, run_overlapped,
-                      run_sequential)
-from .schedules import Action, Message, PipelineSchedule
+from .overlap import Tape, run_overlapped, run_sequential
+from .stage_pieces import build_stage_pieces
+from .wgrad_split import WeightGradStore, run_closures
+from hai_llm.layout.schedules import Action, Message, PipelineSchedule
 
 P2P_TAG = 0
 
@@ -356,85 +357,3 @@ class _StepState:
 @contextmanager
 def _null():
     yield
-
-
-# ====================================================================== collective recorder
-_RECORDED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-             "all_to_all_single", "all_to_all", "broadcast", "barrier", "all_gather_object",
-             "isend", "irecv", "send", "recv", "reduce_scatter")
-
-
-def _group_ranks(group) -> Tuple[int, ...]:
-    if group is None or group is dist.group.WORLD:
-        return tuple(range(dist.get_world_size()))
-    return tuple(dist.get_process_group_ranks(group))
-
-
-@contextmanager
-def record_collectives(log: list):
-    """Append ``(op, group ranks, detail)`` to ``log`` for every torch.distributed collective /
-    P2P call made inside the block (this process only).  ``detail`` is the element count for
-    size-matched collectives, the peer and shape for P2P, ``None`` for all-to-alls (their
-    sizes legitimately differ per rank)."""
-    originals = {n: getattr(dist, n) for n in _RECORDED if hasattr(dist, n)}
-
-    def wrap(name, fn):
-        def inner(*a, **k):
-            group = k.get("group")
-            detail = None
-            if name in ("isend", "irecv", "send", "recv"):
-                t = a[0] if a else k["tensor"]
-                peer = k.get("dst", k.get("src")) if len(a) < 2 else a[1]
-                detail = (int(peer), tuple(t.shape), str(t.dtype))
-                group = None
-            elif name in ("all_reduce", "broadcast"):
-                t = a[0] if a else k["tensor"]
-                detail = int(t.numel())
-                if group is None and len(a) > 2:
-                    group = a[2]
-            elif name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
-                detail = int(a[0].numel()) if a else None
-                if group is None and len(a) > 3:
-                    group = a[3]
-            log.append((name, _group_ranks(group), detail))
-            return fn(*a, **k)
-
-        return inner
-
-    for n, fn in originals.items():
-        setattr(dist, n, wrap(n, fn))
-    try:
-        yield log
-    finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
-
-
-def check_collective_order(logs: Sequence[list]) -> None:
-    """Raise AssertionError unless, for every group, each member's sequence of collectives
-    on it is identical, and every P2P link's sends match the receives in order and shape.
-    ``logs[r]`` is the ``record_collectives`` log of global rank r."""
-    per_group: Dict[Tuple[int, ...], Dict[int, list]] = {}
-    sends: Dict[Tuple[int, int], list] = {}
-    recvs: Dict[Tuple[int, int], list] = {}
-    for r, log in enumerate(logs):
-        for name, ranks, detail in log:
-            if name in ("isend", "send"):
-                sends.setdefault((r, detail[0]), []).append(detail[1:])
-            elif name in ("irecv", "recv"):
-                recvs.setdefault((detail[0], r), []).append(detail[1:])
-            else:
-                per_group.setdefault(ranks, {}).setdefault(r, []).append((name, detail))
-    for ranks, seqs in per_group.items():
-        members = [r for r in ranks if r < len(logs)]
-        ref = seqs.get(members[0], [])
-        for r in members[1:]:
-            got = seqs.get(r, [])
-            if got != ref:
-                i = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
-                raise AssertionError(f"group {ranks}: rank {members[0]} and rank {r} differ at collective "
-                                     f"{i}: {ref[i] if i < len(ref) else None} vs "
-                                     f"{got[i] if i < len(got) else None}")
-    for link in set(sends) | set(recvs):
-        if sends.get(link, []) != recvs.get(link, []):
-            raise AssertionError(f"P2P link {link}: sends {sends.get(link)} != receives {recvs.get(link)}")

@@ -1,6 +1,6 @@
 """Running a pipeline schedule on paper: dependency graph, validation, timing.
 
-``schedules.py`` says what each rank does in which order; this module executes those lists
+``hai_llm.layout.schedules`` says what each rank does in which order; this module executes those lists
 abstractly.  ``dependencies`` builds the cross-rank data-dependency graph, ``check_schedule``
 proves a schedule complete, ordered, deadlock-free and P2P-consistent before anything runs on a
 cluster, and ``simulate`` lays out every rank's timeline under per-chunk costs: actions run in
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from .gantt import Span
-from .schedules import Action, Message, PipelineSchedule, RankChunk
+from hai_llm.layout.schedules import Action, Message, PipelineSchedule, RankChunk
 
 
 def peak_activations(schedule: PipelineSchedule) -> List[int]:

@@ -1,11 +1,12 @@
 """The training loop: data -> micro-batched forward/backward -> clip -> AdamW -> expert
 bias update -> EMA -> metrics -> atomic checkpoint, with exact resume.
 
-The loop is written once for every layout. What differs between layouts (how gradients
-are reduced, how the optimizer state is sharded, how the global norm and the expert load
-are summed across ranks, how a step is scheduled over pipeline stages) lives behind the
-small :class:`Runtime` interface; the single-process runtime here is the reference that
-every parallel runtime is tested against.
+The loop is written once for every layout. What differs between layouts (where the model's
+parts live, how gradients are reduced, how the optimizer state is sharded, how the global
+norm and the expert load are summed across ranks, how a step is scheduled over pipeline
+stages) lives behind the small ``hai_llm.runtime.Runtime`` interface; the single-process
+runtime (``SingleProcessRuntime``, the default) is the reference that every parallel runtime
+is tested against. The micro-batch count comes from the runtime's layout.
 """
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from hai_llm.checkpoint import store as ckpt
+from hai_llm.checkpoint.zero_state import after_load, dcp_state
 from hai_llm.config.schema import Config
 from hai_llm.data import SequenceSampler, TokenDataset, ensure_prepared
-from hai_llm.model.transformer import Transformer, build_model
-from hai_llm.train import checkpoint as ckpt
+from hai_llm.model.transformer import build_model
+from hai_llm.optim import lr_at, set_lr
+from hai_llm.runtime import Runtime, SingleProcessRuntime
 from hai_llm.train.ema import CPUEma
 from hai_llm.train.metrics import MetricsLogger
-from hai_llm.parallel.zero import ZeroOptimizer
-from hai_llm.parallel.zero_ckpt import after_load, dcp_state
-from hai_llm.train.optim import lr_at, set_lr
 
 
 def pick_device(name: str) -> torch.device:
@@ -51,68 +52,18 @@ class StepResult:
     expert_load: torch.Tensor | None  # [L, E] tokens per expert over the global batch
 
 
-class Runtime:
-    """Single-process runtime. Parallel runtimes override these hooks."""
-
-    is_main = True
-    dp_rank = 0
-    dp_world = 1
-
-    def prepare_model(self, model: Transformer) -> Transformer:
-        return model
-
-    def positions(self, seq_len: int, device) -> torch.Tensor | None:
-        """Positions of the window this rank computes (None: all of them)."""
-        return None
-
-    def forward_backward(self, model: Transformer, batch: torch.Tensor, n_micro: int, autocast) -> dict:
-        """Run all micro-batches of this rank's batch; return summed (already 1/n_micro
-        weighted) loss terms and expert counts."""
-        totals = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
-        counts = None
-        pos = self.positions(batch.shape[1] - 1 - model.args.n_mtp_layers, batch.device)
-        for mb in batch.chunk(n_micro):
-            with autocast():
-                out = model.loss(mb, pos)
-            (out.loss / n_micro).backward()
-            for k in totals:
-                totals[k] += float(getattr(out, k).detach()) / n_micro
-            if out.expert_counts is not None:
-                counts = out.expert_counts if counts is None else counts + out.expert_counts
-        totals["counts"] = counts
-        return totals
-
-    def reduce_metrics(self, totals: dict) -> dict:
-        """Average loss terms and sum expert counts over the ranks sharing a step."""
-        return totals
-
-    # ZeRO-1 plumbing: where each parameter's gradient is reduced (None: nowhere)
-    spec_of = None
-    world_group = None
-
-    def build_optimizer(self, model: Transformer, cfg: Config) -> ZeroOptimizer:
-        o = cfg.optim
-        return ZeroOptimizer(model, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                             moments_dtype=torch.bfloat16 if o.moments_dtype == "bfloat16" else torch.float32,
-                             spec_of=self.spec_of, world_group=self.world_group)
-
-
 class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime | None = None, out_dir: str | Path | None = None):
         self.cfg = cfg
-        self.rt = runtime or Runtime()
+        self.rt: Runtime = runtime or SingleProcessRuntime(cfg)
         self.out_dir = Path(out_dir or cfg.train.out_dir)
         self.device = pick_device(cfg.train.device)
         t = cfg.train
-        self.local_batch = t.global_batch // self.rt.dp_world
-        self.n_micro = self.local_batch // t.micro_batch
+        self.local_batch = self.rt.layout.local_batch
+        self.n_micro = self.rt.layout.n_micro
         torch.manual_seed(t.seed)
         model = build_model(cfg.model, device=self.device, seed=t.seed)
-        if t.precision == "fp8":
-            from hai_llm.fp8 import convert_to_fp8
-
-            model = convert_to_fp8(model)
-        self.model = self.rt.prepare_model(model)
+        self.model = self.rt.prepare_model(model)  # FP8, stages, sp, ep, B/W split: parallelize()
         self.dataset = TokenDataset(self._data_path())
         self.dataset.check_vocab(cfg.model.vocab_size)
         self.sampler = SequenceSampler(self.dataset, cfg.data.seq_len, t.global_batch, dp_rank=self.rt.dp_rank,

@@ -6,16 +6,20 @@ only differences left are FP32 accumulation order. The norm-wise relative error 
 must stay below 1e-5. On a GPU the FP8 tensor cores accumulate the products inside one 128-deep
 block with ~14 mantissa bits (the reason for the per-128 promotion), so the bound there is looser.
 """
+import inspect
 import itertools
 
 import pytest
 import torch
+import triton
 
-from hai_llm.kernels.fp8_gemm import (fp8_gemm, fp8_gemm_ref, fp8_linear_dgrad, fp8_linear_fprop,
-                                      fp8_linear_wgrad)
+import hai_llm.kernels.fp8_gemm as fg
+from hai_llm.kernels.fp8_gemm import (GPU_CONFIGS, INTERPRET_META, fp8_gemm, fp8_gemm_ref,
+                                      fp8_linear_dgrad, fp8_linear_fprop, fp8_linear_wgrad,
+                                      heuristic_meta, launch_meta)
 from hai_llm.kernels.fp8_quant import (act_colwise_dequant_ref, act_dequant_ref, act_quant,
-                                       act_quant_colwise_ref, act_quant_ref, weight_dequant_ref,
-                                       weight_quant, weight_quant_ref)
+                                       act_quant_colwise, act_quant_colwise_ref, act_quant_ref,
+                                       weight_dequant_ref, weight_quant, weight_quant_ref)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64_RTOL = 1e-5 if DEVICE == "cpu" else 1e-3  # vs float64 of the dequantized operands
@@ -132,3 +136,95 @@ def test_bad_inputs_raise():
         fp8_gemm(xq, xs, wq, ws, use_triton=False, out_dtype=torch.int32)
     with pytest.raises(ValueError, match="2-D"):
         fp8_gemm(xq[None], xs, wq, ws, use_triton=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN propagation, K-major launches, launch-config policy
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_nan_and_inf_operands_give_nan_outputs(use_triton):
+    x, w = _randn(70, 300, seed=1), _randn(200, 300, seed=2)
+    x[3, 7] = float("nan")
+    x[5, 299] = float("inf")
+    w[130, 140] = -float("inf")  # weight block (1, 1): output columns 128..199
+    xq, xs = act_quant(x, use_triton=use_triton)
+    wq, ws = weight_quant(w, use_triton=use_triton)
+    y = fp8_linear_fprop(xq, xs, wq, ws, use_triton=use_triton).cpu()
+    bad = torch.zeros(70, 200, dtype=torch.bool)
+    bad[3] = bad[5] = True
+    bad[:, 128:] = True
+    assert torch.equal(torch.isnan(y), bad)
+    # Wgrad: a NaN token in dy poisons its 128x1 tile: dW rows of that channel
+    dy = _randn(70, 200, seed=3)
+    dy[10, 17] = float("nan")
+    dyq, dys = act_quant_colwise(dy, use_triton=use_triton, transpose=True)
+    xq2, xs2 = act_quant_colwise(_randn(70, 300, seed=4), use_triton=use_triton, transpose=True)
+    dw = fp8_linear_wgrad(dyq, dys, xq2, xs2, use_triton=use_triton, transposed=True).cpu()
+    assert torch.isnan(dw[17]).all() and torch.isfinite(dw[torch.arange(200) != 17]).all()
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel object: records the launch arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_dgrad_and_wgrad_launch_k_major_operands(monkeypatch):
+    t, n, k = 130, 200, 129
+    x, w, dy = _randn(t, k, seed=1), _randn(n, k, seed=2), _randn(t, n, seed=3)
+    dyq, dys = act_quant(dy, use_triton=True)
+    wq, ws = weight_quant(w, use_triton=True)
+    wq_t, ws_t = weight_quant(w, use_triton=True, transpose=True)
+    dyc, dycs = act_quant_colwise(dy, use_triton=True)
+    xc, xcs = act_quant_colwise(x, use_triton=True)
+    dyc_t, dycs_t = act_quant_colwise(dy, use_triton=True, transpose=True)
+    xc_t, xcs_t = act_quant_colwise(x, use_triton=True, transpose=True)
+    spy = LaunchSpy(fg._fp8_gemm_kernel)
+    monkeypatch.setattr(fg, "_fp8_gemm_kernel", spy)
+    dx = fp8_linear_dgrad(dyq, dys, wq, ws, use_triton=True)  # W read "transposed": copied
+    dx_k = fp8_linear_dgrad(dyq, dys, wq_t, ws_t, use_triton=True, w_transposed=True)
+    dw = fp8_linear_wgrad(dyc, dycs, xc, xcs, use_triton=True)
+    dw_k = fp8_linear_wgrad(dyc_t, dycs_t, xc_t, xcs_t, use_triton=True, transposed=True)
+    assert torch.equal(dx, dx_k) and torch.equal(dw, dw_k)
+    assert rel_err(dx, fp8_linear_dgrad(dyq, dys, wq, ws, use_triton=False).double()) < REF_RTOL
+    assert rel_err(dw, fp8_linear_wgrad(dyc, dycs, xc, xcs, use_triton=False).double()) < REF_RTOL
+    if spy.launches:  # (empty when autotuning on a GPU: the tuned object is launched instead)
+        assert len(spy.launches) == 4
+        for _, args, _ in spy.launches:  # stride_ak and stride_bk: both operands K-major
+            assert args[9] == 1 and args[13] == 1, args[8:16]
+
+
+def test_launch_config_policy(monkeypatch):
+    assert heuristic_meta(4096, 7168, 132) == heuristic_meta(4096, 7168, 132)  # deterministic
+    big, small = heuristic_meta(4096, 7168, 132), heuristic_meta(64, 512, 132)
+    assert (big["BLOCK_M"], big["BLOCK_N"], big["num_warps"]) == (128, 128, 8)
+    assert (small["BLOCK_M"], small["BLOCK_N"], small["num_warps"]) == (64, 128, 4)
+    assert heuristic_meta(4096, 7168, 132, small_m=True)["BLOCK_M"] == 64
+    assert all(m["BLOCK_K"] == 128 for m in (big, small))
+    configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+               for c in GPU_CONFIGS}
+    for m in (big, small):  # the defaults are among the autotuning configs
+        assert (m["BLOCK_M"], m["BLOCK_N"], m["num_warps"], m["num_stages"]) in configs
+    dev = torch.device("cpu")
+    monkeypatch.delenv("HAI_LLM_AUTOTUNE", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert launch_meta(4096, 7168, dev) == INTERPRET_META
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert launch_meta(4096, 7168, dev) == big  # compiled, not autotuned: the heuristic
+    assert launch_meta(256, 256, dev)["BLOCK_M"] == 64  # 4 tiles of 128x128 for 132 SMs
+    assert launch_meta(256, 256, dev, matrices=64)["BLOCK_M"] == 128  # 64 such outputs
+    monkeypatch.setenv("HAI_LLM_AUTOTUNE", "1")
+    assert launch_meta(4096, 7168, dev) is None  # autotune
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        # (Triton itself turns the on-disk cache off under the interpreter)
+        from hai_llm.kernels import policy
+        assert policy._AUTOTUNE_CACHE_KW == {"cache_results": True}

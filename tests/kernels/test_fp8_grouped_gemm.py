@@ -4,14 +4,21 @@ Group layouts cover empty groups, all tokens in one group, a single group, and g
 on, just before and across the 128-token scale tiles of the Wgrad operands. As in
 test_fp8_gemm.py, the same fp8 tensors feed the kernel, the torch reference and a float64 matmul of
 the dequantized operands; the norm-wise relative error against float64 must stay below 1e-5.
+
+GPU-readiness: the Triton path reads nothing on the host (group offsets built on the device, the
+grid sized by the bound cdiv(M_total, BLOCK_M) + G), value checks only on request, both operands
+of every launch K-major, and the K-major entry points give the same results as the strided ones.
 """
 import pytest
 import torch
 
+import hai_llm.kernels.fp8_grouped_gemm as fgg
 from hai_llm.kernels.fp8_grouped_gemm import (fp8_grouped_gemm, fp8_grouped_gemm_dgrad,
-                                              fp8_grouped_gemm_wgrad)
+                                              fp8_grouped_gemm_ref, fp8_grouped_gemm_wgrad,
+                                              fp8_grouped_gemm_wgrad_ref, group_offsets)
 from hai_llm.kernels.fp8_quant import (act_colwise_dequant_ref, act_dequant_ref,
-                                       act_quant_colwise_ref, act_quant_ref, weight_dequant_ref,
+                                       act_quant_colwise, act_quant_colwise_ref, act_quant_ref,
+                                       stacked_weight_quant, weight_dequant_ref,
                                        weight_quant_ref)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,9 +127,17 @@ def test_bad_inputs_raise():
     aq, as_ = act_quant_ref(_randn(10, 128, seed=1))
     gs = torch.tensor([4, 6], device=DEVICE)
     with pytest.raises(ValueError, match="sum to 9 but the activations have 10"):
-        fp8_grouped_gemm(aq, as_, wq, ws, torch.tensor([4, 5], device=DEVICE), use_triton=True)
+        fp8_grouped_gemm(aq, as_, wq, ws, torch.tensor([4, 5], device=DEVICE), use_triton=True,
+                         check=True)
     with pytest.raises(ValueError, match=">= 0"):
-        fp8_grouped_gemm(aq, as_, wq, ws, torch.tensor([12, -2], device=DEVICE), use_triton=True)
+        fp8_grouped_gemm(aq, as_, wq, ws, torch.tensor([12, -2], device=DEVICE), use_triton=True,
+                         check=True)
+    with pytest.raises(ValueError, match="sum to 9"):  # the reference reads the sizes: always
+        fp8_grouped_gemm(aq, as_, wq, ws, torch.tensor([4, 5], device=DEVICE), use_triton=False)
+    with pytest.raises(ValueError, match="sum to 11"):
+        fp8_grouped_gemm_wgrad(*act_quant_colwise_ref(_randn(10, 64, seed=4)),
+                               *act_quant_colwise_ref(_randn(10, 128, seed=5)),
+                               torch.tensor([5, 6], device=DEVICE), use_triton=True, check=True)
     with pytest.raises(ValueError, match="int32 or int64"):
         fp8_grouped_gemm(aq, as_, wq, ws, gs.float(), use_triton=True)
     with pytest.raises(ValueError, match="3 groups but the weights have 2"):
@@ -140,3 +155,127 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="1x128 tiles"):  # 128x1 scales given to the forward
         cq, cs = act_quant_colwise_ref(_randn(10, 128, seed=3))
         fp8_grouped_gemm(cq, cs, wq, ws, gs, use_triton=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU-readiness: no host reads, grid bound, offsets, K-major launches
+# ------------------------------------------------------------------------------------------------
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel object: records the launch arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _operands(sizes, n, k, seed=0):
+    m, g = sum(sizes), len(sizes)
+    wq, ws, _ = quantized_weights(g, n, k, seed=seed)
+    aq, as_ = act_quant_ref(_randn(m, k, seed=seed + 1))
+    return aq, as_, wq, ws
+
+
+def test_triton_path_reads_nothing_on_the_host(host_reads, monkeypatch):
+    monkeypatch.delenv("HAI_LLM_DEBUG_CHECKS", raising=False)
+    sizes = [3, 0, 130, 5]
+    gs = torch.tensor(sizes, device=DEVICE)
+    aq, as_, wq, ws = _operands(sizes, 72, 200)
+    dyc, dycs = act_quant_colwise(_randn(138, 72, seed=3), use_triton=True, transpose=True)
+    xc, xcs = act_quant_colwise(_randn(138, 200, seed=4), use_triton=True, transpose=True)
+    with host_reads() as reads:
+        offs = group_offsets(gs)
+        fp8_grouped_gemm(aq, as_, wq, ws, gs, use_triton=True)
+        fp8_grouped_gemm(aq, as_, wq, ws, gs, use_triton=True, group_offsets=offs)
+        fp8_grouped_gemm_wgrad(dyc, dycs, xc, xcs, gs, use_triton=True, transposed=True,
+                               group_offsets=offs)
+    assert not reads, dict(reads)
+    # the same value checks run on request (one read each), and with HAI_LLM_DEBUG_CHECKS=1
+    with host_reads() as reads:
+        fp8_grouped_gemm(aq, as_, wq, ws, gs, use_triton=True, check=True)
+    assert reads["Tensor.tolist"] == 1
+    monkeypatch.setenv("HAI_LLM_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match="sum to 137"):
+        fp8_grouped_gemm(aq, as_, wq, ws, torch.tensor([3, 0, 129, 5], device=DEVICE),
+                         use_triton=True)
+    fp8_grouped_gemm(aq, as_, wq, ws, torch.tensor([3, 0, 129, 5], device=DEVICE),
+                     use_triton=True, check=False)  # an explicit False wins over the variable
+
+
+def test_grid_is_an_upper_bound_extra_programs_exit():
+    # Many empty and tiny groups: cdiv(M, BLOCK_M) + G programs for 6 real row tiles.
+    sizes = [0] * 7 + [1, 64, 65, 0, 2, 0, 0, 129] + [0] * 9
+    n, k = 40, 136
+    gs = torch.tensor(sizes, device=DEVICE)
+    aq, as_, wq, ws = _operands(sizes, n, k, seed=5)
+    spy = LaunchSpy(fgg._fp8_grouped_gemm_kernel)
+    fgg_kernel = fgg._fp8_grouped_gemm_kernel
+    try:
+        fgg._fp8_grouped_gemm_kernel = spy
+        out = fp8_grouped_gemm(aq, as_, wq, ws, gs, use_triton=True)
+    finally:
+        fgg._fp8_grouped_gemm_kernel = fgg_kernel
+    if spy.launches:  # not launched when autotuning (HAI_LLM_AUTOTUNE=1 on a GPU)
+        grid, _, meta = spy.launches[0]
+        m, bm = sum(sizes), meta["BLOCK_M"]
+        assert grid[0] == -(-m // bm) + len(sizes)
+    ref = fp8_grouped_gemm_ref(aq, as_, wq, ws, gs)
+    assert rel_err(out, ref.double()) < REF_RTOL
+
+
+def test_group_offsets():
+    gs = torch.tensor([3, 0, 130, 5], device=DEVICE)
+    off = group_offsets(gs)
+    assert off.dtype == torch.int32 and off.tolist() == [0, 3, 3, 133, 138]
+    assert group_offsets(torch.zeros(2, dtype=torch.int32)).tolist() == [0, 0, 0]
+    aq, as_, wq, ws = _operands([3, 0, 130, 5], 64, 128)
+    a = fp8_grouped_gemm(aq, as_, wq, ws, gs, use_triton=True)
+    b = fp8_grouped_gemm(aq, as_, wq, ws, gs, use_triton=True, group_offsets=off)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="group_offsets must be int32"):
+        fp8_grouped_gemm(aq, as_, wq, ws, gs, use_triton=True, group_offsets=off.long())
+    with pytest.raises(ValueError, match="are not"):
+        fp8_grouped_gemm(aq, as_, wq, ws, gs, use_triton=True, check=True,
+                         group_offsets=group_offsets(torch.tensor([3, 1, 129, 5], device=DEVICE)))
+
+
+@pytest.mark.parametrize("sizes,n,k", CASES[:2] + CASES[3:4])
+def test_every_launch_is_k_major_and_matches_the_strided_entry_points(sizes, n, k, monkeypatch):
+    g, m = len(sizes), sum(sizes)
+    gs = torch.tensor(sizes, device=DEVICE)
+    w = _randn(g, n, k, seed=m)
+    wq, ws = stacked_weight_quant(w, use_triton=True)
+    wq_t, ws_t = stacked_weight_quant(w, use_triton=True, transpose=True)
+    dyq, dys = act_quant_ref(_randn(m, n, seed=n))
+    dy, x = _randn(m, n, seed=n + 1), _randn(m, k, seed=k + 1)
+    dyc, dycs = act_quant_colwise(dy, use_triton=True)
+    xc, xcs = act_quant_colwise(x, use_triton=True)
+    dyc_t, dycs_t = act_quant_colwise(dy, use_triton=True, transpose=True)
+    xc_t, xcs_t = act_quant_colwise(x, use_triton=True, transpose=True)
+    fwd, wgr = LaunchSpy(fgg._fp8_grouped_gemm_kernel), LaunchSpy(fgg._fp8_grouped_wgrad_kernel)
+    monkeypatch.setattr(fgg, "_fp8_grouped_gemm_kernel", fwd)
+    monkeypatch.setattr(fgg, "_fp8_grouped_wgrad_kernel", wgr)
+    da = fp8_grouped_gemm_dgrad(dyq, dys, wq, ws, gs, use_triton=True)
+    da_k = fp8_grouped_gemm_dgrad(dyq, dys, wq_t, ws_t, gs, use_triton=True, b_kmajor=True)
+    dw = fp8_grouped_gemm_wgrad(dyc, dycs, xc, xcs, gs, use_triton=True)
+    dw_k = fp8_grouped_gemm_wgrad(dyc_t, dycs_t, xc_t, xcs_t, gs, use_triton=True,
+                                  transposed=True)
+    assert torch.equal(da, da_k) and torch.equal(dw, dw_k)
+    # and the same as the references on the strided and on the K-major operands
+    da_ref = fp8_grouped_gemm_ref(dyq, dys, wq, ws, gs, b_transposed=True)
+    dw_ref = fp8_grouped_gemm_wgrad_ref(dyc, dycs, xc, xcs, gs)
+    assert rel_err(da, da_ref.double()) < REF_RTOL and rel_err(dw, dw_ref.double()) < REF_RTOL
+    assert torch.equal(dw_ref, fp8_grouped_gemm_wgrad_ref(dyc_t, dycs_t, xc_t, xcs_t, gs,
+                                                          transposed=True))
+    if not fwd.launches:  # autotuning: the tuned kernel objects were launched instead
+        return
+    for _, args, _ in fwd.launches:  # (.., stride_am, stride_ak, .., stride_bg, stride_bn,
+        assert args[10] == 1 and args[15] == 1  # stride_bk, ..): A and B read along K
+    for _, args, _ in wgr.launches:  # stride_dym and stride_xm: tokens (the reduction) contiguous
+        assert args[8] == 1 and args[12] == 1

@@ -10,9 +10,11 @@ import os
 import pytest
 import torch
 
+import hai_llm.kernels.fp8_quant as fq
 from hai_llm.kernels.fp8_quant import (AMAX_FLOOR, FP8_DTYPE, FP8_MAX, act_colwise_dequant_ref,
                                        act_dequant_ref, act_quant, act_quant_colwise,
                                        act_quant_colwise_ref, act_quant_ref, default_use_triton,
+                                       stacked_weight_quant, stacked_weight_quant_ref,
                                        weight_dequant_ref, weight_quant, weight_quant_ref)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,3 +164,135 @@ def test_use_triton_on_cpu_needs_the_interpreter(monkeypatch):
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         act_quant(torch.zeros(2, 128), use_triton=True)
     act_quant(torch.zeros(2, 128), use_triton=False)  # the reference needs nothing
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite inputs: NaN scale, NaN codes, identically in the kernels and the references
+# ------------------------------------------------------------------------------------------------
+
+NONFINITE = [float("nan"), -float("nan"), float("inf"), -float("inf")]
+
+
+def _poisoned(shape, cells, seed=0):
+    x = _randn(*shape, seed=seed)
+    for (r, c), v in zip(cells, NONFINITE * len(cells)):
+        x[r, c] = v
+    return x
+
+
+def _check_nan_tiles(q, s, want_bad_scales):
+    """NaN exactly in the expected scales; every code of such a tile is 0x7f; others finite."""
+    assert torch.equal(torch.isnan(s).cpu(), want_bad_scales)
+    assert not torch.isinf(s).any()
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+@pytest.mark.parametrize("pow2_scale", [False, True])
+def test_act_quant_nan_and_inf_give_nan_tiles(use_triton, pow2_scale):
+    x = _poisoned((5, 300), [(0, 3), (1, 130), (2, 299), (3, 128)], seed=1)
+    q, s = act_quant(x, pow2_scale=pow2_scale, use_triton=use_triton)
+    bad = torch.zeros(5, 3, dtype=torch.bool)
+    bad[0, 0] = bad[1, 1] = bad[2, 2] = bad[3, 1] = True
+    _check_nan_tiles(q, s, bad)
+    codes = q.view(torch.uint8).cpu()
+    tile = torch.arange(300) // 128
+    for r, t in bad.nonzero().tolist():
+        assert (codes[r, tile == t] == 0x7F).all()
+    deq = act_dequant_ref(q, s).cpu()
+    assert torch.isnan(deq[bad[:, tile]]).all() and torch.isfinite(deq[~bad[:, tile]]).all()
+    q_ref, s_ref = act_quant_ref(x, pow2_scale=pow2_scale)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(torch.nan_to_num(s), torch.nan_to_num(s_ref))
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_act_quant_colwise_nan_and_inf_give_nan_tiles(use_triton, transpose):
+    x = _poisoned((260, 7), [(0, 0), (129, 3), (259, 6), (5, 4)], seed=2)
+    q, s = act_quant_colwise(x, use_triton=use_triton, transpose=transpose)
+    bad = torch.zeros(3, 7, dtype=torch.bool)
+    bad[0, 0] = bad[1, 3] = bad[2, 6] = bad[0, 4] = True
+    _check_nan_tiles(q, s, bad.t() if transpose else bad)
+    q_ref, s_ref = act_quant_colwise_ref(x, transpose=transpose)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(torch.nan_to_num(s), torch.nan_to_num(s_ref))
+    nan_codes = (q.view(torch.uint8) == 0x7F).sum().item()
+    assert nan_codes == 128 + 128 + 4 + 128  # the four poisoned 128x1 tiles (one has 4 rows)
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_weight_quant_nan_and_inf_give_nan_blocks(use_triton):
+    w = _poisoned((200, 260), [(0, 0), (150, 140), (199, 259)], seed=3)
+    for transpose in (False, True):
+        q, s = weight_quant(w, use_triton=use_triton, transpose=transpose)
+        bad = torch.zeros(2, 3, dtype=torch.bool)
+        bad[0, 0] = bad[1, 1] = bad[1, 2] = True
+        _check_nan_tiles(q, s, bad.t() if transpose else bad)
+        q_ref, s_ref = weight_quant_ref(w, transpose=transpose)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    deq = weight_dequant_ref(*weight_quant(w, use_triton=use_triton)).cpu()
+    assert torch.isnan(deq[:128, :128]).all() and torch.isfinite(deq[:128, 128:]).all()
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # numpy, inside the interpreter's tl.max
+def test_all_nan_and_all_inf_tiles():
+    x = torch.full((2, 128), float("nan"), device=DEVICE)
+    x[1] = float("inf")
+    for use_triton in (True, False):
+        q, s = act_quant(x, pow2_scale=True, use_triton=use_triton)
+        assert torch.isnan(s).all() and (q.view(torch.uint8) == 0x7F).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# K-major layouts written by the quantizers, stacked weights, backend by device
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (130, 129), (257, 33)])
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_colwise_transposed_output_is_the_rowwise_quantization_of_the_transpose(shape, use_triton):
+    x = _randn(*shape, seed=shape[0] + 1)
+    for pow2 in (False, True):
+        q_t, s_t = act_quant_colwise(x, pow2_scale=pow2, use_triton=use_triton, transpose=True)
+        q, s = act_quant_colwise(x, pow2_scale=pow2, use_triton=use_triton)
+        q_r, s_r = act_quant_ref(x.t().contiguous(), pow2_scale=pow2)
+        assert q_t.shape == (shape[1], shape[0]) and q_t.is_contiguous() and s_t.is_contiguous()
+        assert torch.equal(q_t.view(torch.uint8), q.t().contiguous().view(torch.uint8))
+        assert torch.equal(s_t, s.t())
+        assert torch.equal(q_t.view(torch.uint8), q_r.view(torch.uint8))
+        assert torch.equal(s_t, s_r)
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_weight_quant_transposed_and_stacked(use_triton):
+    w = _randn(3, 130, 200, seed=9)
+    q, s = stacked_weight_quant(w, use_triton=use_triton)
+    q_t, s_t = stacked_weight_quant(w, use_triton=use_triton, transpose=True)
+    assert q.shape == (3, 130, 200) and s.shape == (3, 2, 2)
+    assert q_t.shape == (3, 200, 130) and s_t.shape == (3, 2, 2) and q_t.is_contiguous()
+    for e in range(3):
+        qe, se = weight_quant_ref(w[e])
+        assert torch.equal(q[e].view(torch.uint8), qe.view(torch.uint8)) and torch.equal(s[e], se)
+        assert torch.equal(q_t[e].view(torch.uint8), qe.t().contiguous().view(torch.uint8))
+        assert torch.equal(s_t[e], se.t())
+        q2, s2 = weight_quant(w[e], use_triton=use_triton, transpose=True)
+        assert torch.equal(q2.view(torch.uint8), q_t[e].view(torch.uint8))
+        assert torch.equal(s2, s_t[e])
+    q_r, s_r = stacked_weight_quant_ref(w, transpose=True)
+    assert torch.equal(q_r.view(torch.uint8), q_t.view(torch.uint8)) and torch.equal(s_r, s_t)
+    with pytest.raises(ValueError, match="3-D"):
+        stacked_weight_quant(w[0], use_triton=use_triton)
+
+
+def test_use_triton_none_picks_the_backend_by_device(monkeypatch):
+    calls = []
+    for name in ("act_quant_ref", "act_quant_colwise_ref", "stacked_weight_quant_ref"):
+        real = getattr(fq, name)
+        monkeypatch.setattr(fq, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a,
+                                                                                             **k))
+    x = _randn(4, 256, seed=1)
+    act_quant(x)
+    act_quant_colwise(x)
+    weight_quant(x)
+    want = {"act_quant_ref", "act_quant_colwise_ref", "stacked_weight_quant_ref"}
+    assert set(calls) == (set() if x.is_cuda else want)

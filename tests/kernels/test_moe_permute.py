@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import hai_llm.kernels.moe_permute as mp  # noqa: E402
 from hai_llm.kernels.moe_permute import (  # noqa: E402
     dequantize_ref, permute, permute_ref, routing_to_send_order, unpermute_combine,
     unpermute_combine_ref)
@@ -265,9 +266,9 @@ def test_errors():
     x = _x(5, 16)
     idx = torch.tensor([0, 4, 2], device=DEV)
     with pytest.raises(ValueError, match="src_index values"):
-        permute(x, torch.tensor([0, 5], device=DEV), use_triton=True)
+        permute(x, torch.tensor([0, 5], device=DEV), use_triton=True, check=True)
     with pytest.raises(ValueError, match="src_index values"):
-        permute(x, torch.tensor([-2], device=DEV), use_triton=True)
+        permute(x, torch.tensor([-2], device=DEV), use_triton=True, check=True)
     with pytest.raises(ValueError, match="x must be a 2-D"):
         permute(x[0], idx, use_triton=True)
     with pytest.raises(ValueError, match="x must be float32"):
@@ -282,7 +283,7 @@ def test_errors():
         permute(x, idx, quant_fp8=True, block=96, use_triton=True)
     w = torch.ones(3, device=DEV)
     with pytest.raises(ValueError, match="dst_index values"):
-        unpermute_combine(x[:3], idx, w, 4, use_triton=True)
+        unpermute_combine(x[:3], idx, w, 4, use_triton=True, check=True)
     with pytest.raises(ValueError, match="dst_index has 3 entries but y has 5 rows"):
         unpermute_combine(x, idx, w, 5, use_triton=True)
     with pytest.raises(ValueError, match="weights must be a 1-D"):
@@ -297,10 +298,84 @@ def test_errors():
         unpermute_combine(x[:3, :, None], idx, w, 5, use_triton=True)
     topk = torch.tensor([[0, 1], [2, 3]], device=DEV)
     with pytest.raises(ValueError, match="topk_idx values"):
-        routing_to_send_order(topk, 3, 1)
+        routing_to_send_order(topk, 3, 1, check=True)
     with pytest.raises(ValueError, match="multiple of experts_per_rank"):
         routing_to_send_order(topk, 4, 3)
     with pytest.raises(ValueError, match="topk_idx must be a 2-D"):
         routing_to_send_order(topk.flatten(), 4, 2)
     with pytest.raises(ValueError, match="topk_idx must be int32 or int64"):
         routing_to_send_order(topk.float(), 4, 2)
+
+
+# ----------------------------------------------------- GPU-readiness: host reads, checks, backend
+def test_hot_path_reads_nothing_on_the_host(host_reads, monkeypatch):
+    """Routing, permute (plain and fp8) and the Triton combine issue no host read (each would be
+    a device sync on a GPU); the index range checks run only on request."""
+    monkeypatch.delenv("HAI_LLM_DEBUG_CHECKS", raising=False)
+    topk_idx = _routing(40, 4, 16, seed=1)
+    x = _x(40, 200, torch.bfloat16)
+    w = torch.rand(160, generator=_gen(2)).to(DEV)
+    with host_reads() as reads:
+        so = routing_to_send_order(topk_idx, 16, 4)
+        sent = permute(x, so.src_index, out_rows=170, use_triton=True)
+        permute(x, so.src_index, quant_fp8=True, use_triton=True)
+        permute_ref(x, so.src_index, out_rows=170, quant_fp8=True)
+        out = unpermute_combine(sent[:160], so.src_index, w, 40, use_triton=True)
+        unpermute_combine(sent[:0], so.src_index[:0], w[:0], 40, use_triton=True)
+    assert not reads, dict(reads)
+    assert torch.equal(out, unpermute_combine_ref(sent[:160], so.src_index, w, 40))
+    _check_send_order(so, topk_idx, 16, 4)
+    # the debug checks: one host read per index, on request or with HAI_LLM_DEBUG_CHECKS=1
+    with host_reads() as reads:
+        permute(x, so.src_index, use_triton=True, check=True)
+    assert reads["Tensor.__int__"] == 2  # lo, hi of one aminmax
+    bad = torch.tensor([0, 40], device=DEV)
+    monkeypatch.setenv("HAI_LLM_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match="src_index values"):
+        permute(x, bad, use_triton=False)
+    with pytest.raises(ValueError, match="dst_index values"):
+        unpermute_combine(x[:2], bad, w[:2], 40, use_triton=False)
+    with pytest.raises(ValueError, match="topk_idx values"):
+        routing_to_send_order(bad[:, None] // 2, 16, 4)  # expert 20 of 16
+    with host_reads() as reads:
+        permute(x, so.src_index, use_triton=True, check=False)  # explicit False wins
+    assert not reads
+
+
+def test_use_triton_none_picks_the_backend_by_device(monkeypatch):
+    calls = []
+    for name in ("permute_ref", "unpermute_combine_ref"):
+        real = getattr(mp, name)
+        monkeypatch.setattr(mp, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a,
+                                                                                             **k))
+    x = _x(9, 130)
+    idx = _index(12, 9, pad=False)
+    sent = permute(x, idx)  # use_triton=None
+    out = unpermute_combine(sent, idx, torch.ones(12, device=DEV), 9)
+    on_cpu = DEV == "cpu"
+    assert calls == (["permute_ref", "unpermute_combine_ref"] if on_cpu else [])
+    assert torch.equal(sent, x[idx]) and torch.equal(out, unpermute_combine_ref(
+        sent, idx, torch.ones(12, device=DEV), 9))
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_fp8_payload_propagates_nan_and_inf(use_triton):
+    x = _x(6, 300, seed=4)
+    x[1, 5] = float("nan")  # tile 0 of row 1
+    x[2, 200] = float("inf")  # tile 1 of row 2
+    x[3, 299] = -float("inf")  # tile 2 (partial) of row 3
+    x[4, 0] = -float("nan")
+    idx = torch.arange(6, device=DEV)
+    q, s = permute(x, idx, quant_fp8=True, use_triton=use_triton)
+    bad = torch.zeros(6, 3, dtype=torch.bool)
+    bad[1, 0] = bad[2, 1] = bad[3, 2] = bad[4, 0] = True
+    assert torch.equal(torch.isnan(s).cpu(), bad)  # exactly the non-finite tiles
+    deq = dequantize_ref(q, s).cpu()
+    tile_of_col = torch.arange(300) // 128
+    for r, t in bad.nonzero().tolist():
+        assert torch.isnan(deq[r, tile_of_col == t]).all()
+        assert (q[r].view(torch.uint8).cpu()[tile_of_col == t] == 0x7F).all()  # one NaN code
+    assert torch.isfinite(deq[~bad[:, tile_of_col]]).all()
+    qr, sr = permute_ref(x, idx, quant_fp8=True)
+    assert torch.equal(s.isnan(), sr.isnan()) and torch.equal(s[~s.isnan()], sr[~sr.isnan()])
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))

@@ -1,4 +1,4 @@
-"""Layout-independent checkpoint state of the ZeRO-1 optimizer (see zero.py).
+"""Layout-independent checkpoint state of the ZeRO-1 optimizer (``hai_llm.parallel.zero``).
 
 Every parameter ``fqn`` is saved as three 1-D tensors over its *global* flattened
 elements (all experts, whatever the expert-parallel degree): ``master.fqn`` (fp32
@@ -9,62 +9,14 @@ it, and DCP can read any range back under another layout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
 from hai_llm.parallel.comm import all_gather_single
+from hai_llm.parallel.zero import ShardPiece, global_layout, owned_pieces
 
 
-@dataclass
-class Piece:
-    name: str
-    bucket_lo: int  # range inside this rank's master shard
-    bucket_hi: int
-    global_lo: int  # range inside the parameter's global flattened tensor
-    global_hi: int
-    global_numel: int
-    param_lo: int  # range inside the local parameter, flattened
-    param_hi: int
-
-
-def _elems_per_row(p: torch.Tensor) -> int:
-    return p.numel() // p.shape[0] if p.ndim else 1
-
-
-def _pieces_for(b, j: int, row_offset: int) -> list[Piece]:
-    """Pieces owned by reduce-group member j of bucket b, for the slice at row_offset."""
-    lo_j, hi_j = j * b.shard, (j + 1) * b.shard
-    out = []
-    for name, p, o in zip(b.names, b.params, b.offsets):
-        lo, hi = max(o, lo_j), min(o + p.numel(), hi_j)
-        if lo >= hi:
-            continue
-        epr = _elems_per_row(p)
-        rows = b.spec.global_rows or (p.shape[0] if p.ndim else 1)
-        base = row_offset * epr
-        out.append(Piece(name, lo - lo_j, hi - lo_j, base + lo - o, base + hi - o, rows * epr if p.ndim else 1,
-                         lo - o, hi - o))
-    return out
-
-
-def owned_pieces(b) -> list[Piece]:
-    return _pieces_for(b, b.rank, b.spec.row_offset)
-
-
-def global_layout(b) -> dict[str, list[tuple[int, int, int]]]:
-    """fqn -> [(global_lo, global_hi, owner_global_rank)] over every rank holding it."""
-    peers = b.spec.peer_slices or [(b.spec.ranks, b.spec.row_offset)]
-    out: dict[str, list[tuple[int, int, int]]] = {}
-    for ranks, row_offset in peers:
-        for j, r in enumerate(ranks):
-            for pc in _pieces_for(b, j, row_offset):
-                out.setdefault(pc.name, []).append((pc.global_lo, pc.global_hi, r))
-    return out
-
-
-def _sharded(local: torch.Tensor, piece: Piece, layout: list[tuple[int, int, int]]):
+def _sharded(local: torch.Tensor, piece: ShardPiece, layout: list[tuple[int, int, int]]):
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties

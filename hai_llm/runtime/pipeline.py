@@ -2,17 +2,18 @@
 
 Config keys: ``parallel.pp`` (pipeline ranks), ``parallel.schedule`` (``1f1b`` | ``zb1p`` |
 ``dualpipe`` | ``dualpipev``), ``parallel.n_micro`` (micro-batches per step and dp rank; 0 =
-local batch / ``train.micro_batch``).  Optional, read with ``getattr`` so older configs work:
-``parallel.stage_layers`` (layers per stage, default balanced by cost), ``parallel.overlap``
-(overlapped F&B pairs, default true), ``parallel.trace_dir`` (write per-rank Chrome traces and
-a Gantt chart of every step).  The same three can be passed to the constructor.
+local batch / ``train.micro_batch``), ``parallel.stage_layers`` (layers per stage, default
+balanced by cost): all read through ``hai_llm.layout.build_layout``, whose ``Layout`` holds the
+schedule object, the stage partition and the micro-batch count.  ``parallel.overlap``
+(overlapped F&B pairs, default true) and ``parallel.trace_dir`` (write per-rank Chrome traces
+and a Gantt chart of every step) can also be passed to the constructor.
 
-What it does on top of :class:`~hai_llm.parallel.runtime.DistributedRuntime`:
+What it does on top of :class:`~hai_llm.runtime.mesh.MeshRuntime`:
 
-* ``prepare_model`` keeps this rank's stages of the full model (:mod:`.stage`), applies
-  sequence / expert parallelism to them, routes their GEMMs through the B/W split
-  (:mod:`.overlap`) and returns a :class:`~hai_llm.pipeline.stage.PipelineModel` (global
-  parameter names; ``moe_layers`` / ``update_expert_bias`` over this rank's MoE layers only).
+* ``prepare_model`` calls ``parallelize``: this rank's stages of the full model
+  (``Layout.stages``), sequence / expert parallelism on them, the B/W split of their GEMMs;
+  the result is a :class:`~hai_llm.pipeline.stage.PipelineModel` (global parameter names;
+  ``moe_layers`` / ``update_expert_bias`` over this rank's MoE layers only).
 * ``forward_backward`` runs the schedule over the micro-batches of the rank's batch with the
   :class:`~hai_llm.pipeline.executor.PipelineExecutor` and returns the base Runtime's totals on
   EVERY rank: per-micro-batch ce / MTP and per-(micro-batch, MoE layer) balance values are
@@ -34,100 +35,37 @@ What it does on top of :class:`~hai_llm.parallel.runtime.DistributedRuntime`:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
 from hai_llm.config.schema import Config
-from hai_llm.parallel.dims import ParallelDims
-from hai_llm.parallel.runtime import DistributedRuntime
-from hai_llm.parallel.sequence import apply_sequence_parallel
+from hai_llm.layout import Layout
+from hai_llm.layout.schedules import DualPipe
+from hai_llm.model.moe import expert_parameter_names
+from hai_llm.model.transformer import total_loss
 from hai_llm.parallel.zero import ReduceSpec
+from hai_llm.pipeline.executor import PipelineExecutor
+from hai_llm.pipeline.stage import PipelineModel
 
-from .executor import PipelineExecutor
-from .overlap import WeightGradStore, install_weight_grad_split
-from .schedules import DualPipe, DualPipeV, OneFOneB, PipelineSchedule, ZB1P
-from .stage import PipelineModel, build_pipeline_model, partition_layers
-
-SCHEDULES = {"1f1b": OneFOneB, "zb1p": ZB1P, "dualpipe": DualPipe, "dualpipev": DualPipeV}
+from .mesh import MeshRuntime
+from .parallelize import parallelize
 
 
-def n_micro_of(cfg: Config) -> int:
-    p, t = cfg.parallel, cfg.train
-    return p.n_micro or (t.global_batch // p.dp) // t.micro_batch
+class PipelineRuntime(MeshRuntime):
+    """``layout``: from ``build_layout(cfg, world_size)`` (built from the process group when
+    not given); ``link``: link emulation for the EP transport (benchmarks)."""
 
-
-def validate_pipeline(cfg: Config, pp: Optional[int] = None,
-                      stage_layers: Optional[Sequence[int]] = None) -> PipelineSchedule:
-    """Check a pipeline config without any process group; return the schedule.
-
-    Raises ``ValueError`` naming the fix for: unknown schedule, odd pp with DualPipe, too few or
-    odd micro-batches, a batch that does not split into the micro-batches, fewer layers than
-    stages, bad ``stage_layers``.
-    """
-    p, t = cfg.parallel, cfg.train
-    pp = p.pp if pp is None else pp
-    name = str(p.schedule).lower()
-    if name not in SCHEDULES:
-        raise ValueError(f"parallel.schedule={p.schedule!r} is unknown: use one of {sorted(SCHEDULES)}")
-    if pp < 1:
-        raise ValueError(f"parallel.pp={pp} must be >= 1")
-    if t.global_batch % p.dp:
-        raise ValueError(f"train.global_batch={t.global_batch} must be divisible by parallel.dp={p.dp}")
-    local = t.global_batch // p.dp
-    n_micro = n_micro_of(cfg)
-    if n_micro < 1 or local % n_micro:
-        raise ValueError(f"the {local} sequences per data-parallel rank do not split into "
-                         f"parallel.n_micro={n_micro} equal micro-batches")
-    if name in ("1f1b", "zb1p") and n_micro < pp:
-        raise ValueError(f"{name} with pp={pp} needs n_micro >= pp = {pp} micro-batches, got {n_micro}: "
-                         f"raise train.global_batch or lower train.micro_batch")
-    if name == "dualpipe" and pp % 2:
-        raise ValueError(f"dualpipe needs an even pp (rank r pairs with rank pp-1-r) but pp={pp}: use "
-                         f"pp={pp + 1}{f' or {pp - 1}' if pp > 2 else ''}, or schedule 'dualpipev'")
-    if name in ("dualpipe", "dualpipev") and (n_micro < 2 * pp or n_micro % 2):
-        need = max(2 * pp, n_micro + n_micro % 2)
-        raise ValueError(f"{name} with pp={pp} needs an even number of micro-batches >= 2*pp = {2 * pp}, "
-                         f"got n_micro={n_micro}: use n_micro={need} (parallel.n_micro or "
-                         f"train.global_batch / dp / train.micro_batch)")
-    sched = SCHEDULES[name](pp, n_micro)
-    if cfg.model.n_layers < sched.num_stages:
-        why = " (dualpipev folds 2*pp stages)" if name == "dualpipev" else ""
-        raise ValueError(f"n_layers={cfg.model.n_layers} is fewer than the {sched.num_stages} pipeline "
-                         f"stages{why}: every stage needs a layer; lower pp or add layers")
-    partition_layers(cfg.model, sched.num_stages, stage_layers or _cfg_stage_layers(cfg))
-    return sched
-
-
-def _cfg_stage_layers(cfg: Config) -> Optional[List[int]]:
-    v = cfg.parallel.stage_layers
-    return list(v) if v else None
-
-
-def pipeline_dims(cfg: Config, world_size: int) -> ParallelDims:
-    """``dims_from_config`` for pipelines (also accepts ``zb1p``); validates the pipeline."""
-    p = cfg.parallel
-    dims = ParallelDims(world_size=world_size, pp=p.pp, dp=p.dp, sp=p.sp, ep=p.ep,
-                        gpus_per_node=p.gpus_per_node)
-    name = str(p.schedule).lower()
-    dims.validate_for_model(n_routed_experts=cfg.model.n_routed_experts,
-                            n_expert_groups=cfg.model.n_expert_groups, n_layers=cfg.model.n_layers,
-                            seq_len=cfg.data.seq_len, n_micro_batches=None,
-                            schedule={"zb1p": "1f1b"}.get(name, name) if name in SCHEDULES else None)
-    validate_pipeline(cfg, p.pp)
-    return dims
-
-
-class PipelineRuntime(DistributedRuntime):
     supports_pipeline = True
 
-    def __init__(self, cfg: Config, dims: ParallelDims, *, overlap: Optional[bool] = None,
-                 stage_layers: Optional[Sequence[int]] = None, trace_dir: Optional[str] = None,
-                 link=None):
-        self.stage_layers = list(stage_layers) if stage_layers else _cfg_stage_layers(cfg)
-        self.schedule = validate_pipeline(cfg, dims.pp, self.stage_layers)
-        super().__init__(cfg, dims)
+    def __init__(self, cfg: Config, layout: Optional[Layout] = None, *, overlap: Optional[bool] = None,
+                 trace_dir: Optional[str] = None, link=None):
+        super().__init__(cfg, layout)
+        if self.layout.schedule is None:
+            raise ValueError("PipelineRuntime needs parallel.pp > 1; MeshRuntime runs pp == 1")
+        self.schedule = self.layout.schedule
+        dims = self.dims
         self.overlap = cfg.parallel.overlap if overlap is None else overlap
         self.trace_dir = trace_dir if trace_dir is not None else (cfg.parallel.trace_dir or None)
         self.link = link
@@ -172,16 +110,9 @@ class PipelineRuntime(DistributedRuntime):
 
     # -- model -----------------------------------------------------------------------------
     def prepare_model(self, model) -> PipelineModel:
-        pm = build_pipeline_model(model, self.schedule, self.pp_rank, self.stage_layers)
-        apply_sequence_parallel(pm, self.mesh.group("sp"), self.dims.sp)
-        if self.dims.ep > 1:
-            from hai_llm.parallel.expert import apply_expert_parallel
-
-            self.transport = apply_expert_parallel(pm, self.mesh, transport=self.cfg.parallel.transport,
-                                                   link=self.link,
-                                                   fp8_dispatch=self.cfg.train.precision == "fp8")
-        store = WeightGradStore()
-        install_weight_grad_split(pm, store)
+        done = parallelize(model, self.layout, self.cfg, self.mesh, link=self.link)
+        pm, store, self.transport = done.model, done.store, done.transport
+        self.expert_names = expert_parameter_names(pm)
         act_dtype = next(pm.parameters()).dtype
         self.executor = PipelineExecutor(pm, self.schedule, self.pp_rank, self.peers, act_dtype=act_dtype,
                                          overlap=self.overlap, trace=self.trace_dir is not None, store=store)
@@ -191,7 +122,7 @@ class PipelineRuntime(DistributedRuntime):
     # -- ZeRO-1 specs ----------------------------------------------------------------------
     def spec_of(self, name: str, p: torch.Tensor) -> ReduceSpec:
         scale = 1.0 / self.n_dp_sp
-        expert = ".experts." in name and self.dims.ep > 1
+        expert = name in self.expert_names and self.dims.ep > 1
         if self.copy_dense is not None:
             if expert:
                 E_local, k = p.shape[0], self.coords["ep"]
@@ -228,12 +159,9 @@ class PipelineRuntime(DistributedRuntime):
             dist.all_reduce(V, group=self.pp_group)
         totals = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
         Vf = V.to(torch.float32)
-        for mb in range(self.n_micro):  # the arithmetic of Transformer.loss, term for term
+        for mb in range(self.n_micro):  # the model's own objective, on the gathered terms
             ce, mtp = Vf[mb, 0], Vf[mb, 1]
-            bal = ce.new_zeros(())
-            for gi in range(G):
-                bal = bal + Vf[mb, 2 + gi]
-            loss = ce + args.mtp_lambda * mtp + bal
+            loss, bal = total_loss(ce, mtp, [Vf[mb, 2 + gi] for gi in range(G)], args.mtp_lambda)
             for k, v in (("loss", loss), ("ce", ce), ("mtp", mtp), ("balance", bal)):
                 totals[k] += float(v) / self.n_micro
         totals["counts"] = st.counts
@@ -262,7 +190,7 @@ class PipelineRuntime(DistributedRuntime):
     def write_trace(self, out_dir) -> Optional[Path]:
         """Chrome trace of this rank's last step, and (on the first rank of the pp group) a
         Gantt PNG of all pipeline ranks.  Collective over the pp group."""
-        from .gantt import save_gantt
+        from hai_llm.pipeline.gantt import save_gantt
 
         out = Path(out_dir)
         ex = self.executor

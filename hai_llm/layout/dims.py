@@ -6,8 +6,10 @@ section 1). Every part of the framework (launcher, ZeRO-1 optimizer, MoE all-to-
 sequence parallelism) must agree on which global rank holds which coordinate, or collectives
 silently pair the wrong tensors. ``ParallelDims`` is that single source of truth:
 
-* it validates the degrees against the world and the node size (``__post_init__``) and against
-  the model and schedule (``validate_for_model``), raising ``ValueError`` that names the fix;
+* it validates the degrees against the world and the node size (``__post_init__``) and the
+  model against the degrees (``check_experts``, ``check_seq_len``), raising ``ValueError``
+  that names the fix; the schedule's rules live with the schedules (``layout.schedules``) and
+  the whole layout is assembled and checked by ``layout.build_layout``;
 * its rank arithmetic is pure Python, so the 2048-GPU layout is unit-testable without processes;
 * ``build_mesh`` turns the same arithmetic into a named ``DeviceMesh`` plus process groups and
   checks that torch's groups contain exactly the ranks the arithmetic predicts.
@@ -31,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GROUP_NAMES = ("pp", "dp", "sp", "dp_sp", "ep", "edp")
-SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
 
 
 def _divisors(n: int) -> list[int]:
@@ -138,20 +139,10 @@ class ParallelDims:
                 "ep": self.ep, "edp": self.edp}[name]
 
     # ----------------------------------------------------------------- model checks
-    def validate_for_model(
-        self,
-        n_routed_experts: int,
-        n_expert_groups: int,
-        n_layers: int,
-        seq_len: int,
-        n_micro_batches: int | None = None,
-        schedule: str | None = None,
-    ) -> None:
-        """Check that the model and schedule fit this layout; raise ``ValueError`` naming the fix.
+    def check_experts(self, n_routed_experts: int, n_expert_groups: int) -> None:
+        """Check that the routed experts fit this layout; raise ``ValueError`` naming the fix.
 
-        Rules:
-
-        * experts: ``n_routed_experts % n_expert_groups == 0`` and ``n_routed_experts % ep == 0``.
+        * ``n_routed_experts % n_expert_groups == 0`` and ``n_routed_experts % ep == 0``.
         * expert groups vs nodes: one expert group never spans two nodes, and when an EP group
           spans several nodes (``ep > gpus_per_node``) ``n_expert_groups == ep / gpus_per_node``,
           so that each node hosts exactly one expert group and group-limited routing (keep the
@@ -159,14 +150,6 @@ class ParallelDims:
           Production: 256 experts, ep 64 = 8 nodes, 8 groups -> 4 experts per GPU, 32 per node,
           one group per node. When ``ep <= gpus_per_node`` the whole EP group is one node and
           every expert group trivially lives on it.
-        * layers: ``n_layers >= pp``; ``dualpipev`` holds two stages per rank (a V over a
-          2*pp-stage model) so it needs ``n_layers >= 2*pp``. ``dualpipe`` splits each of its two
-          directions into pp stages, so ``n_layers >= pp`` suffices.
-        * sequence: with ``sp > 1`` each sp rank gets two chunks (i and 2*sp-1-i) to balance
-          causal-attention work, so ``seq_len % (2*sp) == 0``.
-        * micro-batches (only when ``n_micro_batches`` is given): ``1f1b`` needs
-          ``n_micro >= pp`` when pp > 1; ``dualpipe`` and ``dualpipev`` need ``n_micro >= 2*pp``
-          and even. ``dualpipe`` also needs an even pp (rank r pairs with rank pp-1-r).
         """
         e, g = n_routed_experts, n_expert_groups
         if e < 1 or g < 1:
@@ -194,44 +177,16 @@ class ParallelDims:
                 f"node-limited only when each node hosts exactly one expert group: set "
                 f"n_expert_groups={self.nodes_per_ep_group} or ep={g * self.gpus_per_node}"
             )
-        if schedule is not None and schedule not in SCHEDULES:
-            raise ValueError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES} or None")
-        min_layers = 2 * self.pp if schedule == "dualpipev" else self.pp
-        if n_layers < min_layers:
-            why = " (dualpipev holds 2 stages per rank)" if schedule == "dualpipev" else ""
-            max_pp = n_layers // (min_layers // self.pp)  # largest pp this model can fill
-            fix = f"lower pp to at most {max_pp} or add layers" if max_pp else "add layers"
-            raise ValueError(
-                f"n_layers={n_layers} is fewer than the {min_layers} pipeline stages{why}: {fix}"
-            )
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """With ``sp > 1`` each sp rank gets two chunks (i and 2*sp-1-i) to balance causal
+        attention work, so ``seq_len % (2*sp) == 0``; raise ``ValueError`` naming the fix."""
         if self.sp > 1 and seq_len % (2 * self.sp):
             raise ValueError(
                 f"seq_len={seq_len} must be divisible by 2*sp={2 * self.sp} (each sp rank takes "
                 f"two load-balanced causal chunks): pad seq_len to "
                 f"{-(-seq_len // (2 * self.sp)) * 2 * self.sp} or change sp"
             )
-        if schedule == "dualpipe" and self.pp % 2:
-            raise ValueError(
-                f"dualpipe needs an even pp (rank r pairs with rank pp-1-r) but pp={self.pp}: "
-                f"use pp={self.pp + 1}{f' or {self.pp - 1}' if self.pp > 1 else ''}, "
-                f"or schedule 'dualpipev'"
-            )
-        if n_micro_batches is None:
-            return
-        m = n_micro_batches
-        if m < 1:
-            raise ValueError(f"n_micro_batches={m} must be >= 1")
-        if schedule == "1f1b" and self.pp > 1 and m < self.pp:
-            raise ValueError(
-                f"1f1b with pp={self.pp} needs n_micro_batches >= {self.pp}, got {m}"
-            )
-        if schedule in ("dualpipe", "dualpipev"):
-            need = max(2 * self.pp, m + (m % 2))  # smallest valid count >= m
-            if m < 2 * self.pp or m % 2:
-                raise ValueError(
-                    f"{schedule} with pp={self.pp} needs an even n_micro_batches >= "
-                    f"2*pp = {2 * self.pp}, got {m}: use n_micro_batches={need}"
-                )
 
     # ----------------------------------------------------------------- rank arithmetic
     def rank_of(self, pp: int, dp: int, sp: int) -> int:

@@ -24,6 +24,13 @@ part, so a split input-grad action costs ``B - W``.  ``FB`` is an overlapped for
 ("F&B" in the report); its backward half is a full backward (weights included), exactly like the
 reference, where the pair runs MLP(B) MLP(W) MLP(F) ATTN(B) ATTN(W) ATTN(F).
 
+The registry: ``SCHEDULES`` maps the config names (``parallel.schedule``) to the classes, and
+each class states its rules once, as class attributes (pipeline ranks per pair, minimum
+micro-batches per pipeline rank, parity, model stages per rank); ``check`` turns them into
+the error messages and ``fit_n_micro`` into the smallest valid micro-batch count.  Everything
+that needs a schedule (``hai_llm.layout.build_layout``, the planner, the collective checker)
+goes through ``make_schedule``.
+
 Micro-batch numbering is global: ``0 .. n_micro-1``.  For ``DualPipe`` micro-batches
 ``0 .. n/2-1`` travel in direction 0 (enter at rank 0, loss on rank PP-1) and ``n/2 .. n-1`` in
 direction 1 (enter at rank PP-1, loss on rank 0).
@@ -185,18 +192,79 @@ def _check_positive(pp: int, n_micro: int) -> None:
                          f"got {n_micro!r}")
 
 
+_N_MICRO_HOW = "(parallel.n_micro, or train.global_batch / parallel.dp / train.micro_batch)"
+
+
 class PipelineSchedule(ABC):
     """Common topology and bookkeeping; subclasses define the stage layout and the programs.
 
     Subclasses set ``pp``, ``n_micro``, ``chunks_per_rank``, ``num_stages`` and implement
     ``stage_of`` / ``route`` and ``_build(rank)``.
+
+    Rules, stated once per class and checked by ``check(pp, n_micro)`` (``build_layout``
+    checks all of them; every constructor checks those its program needs, so a schedule object is
+    always runnable):
+
+    * ``key``: the config name (``parallel.schedule``); ``name``: the display name;
+    * ``stages_per_rank``: model stages per pipeline rank (``num_stages = stages_per_rank*pp``;
+      DualPipe's two chunks are two copies of one stage, DualPipeV's are two stages);
+    * ``min_micro_per_rank``: ``n_micro >= min_micro_per_rank * pp`` for training;
+      ``min_micro_structural``: the program generator itself needs it (DualPipe / DualPipeV
+      fill both pipelines); when False (1F1B / ZB1P) programs exist for any ``n_micro >= 1``
+      (the simulator and the bubble tables use them), and only a training layout requires it;
+    * ``even_micro`` / ``even_micro_reason``: ``n_micro`` must be even, and why;
+    * ``even_pp``: ``pp`` must be even (rank r pairs with rank pp-1-r).
     """
 
     name = "schedule"
+    key = "schedule"
+    stages_per_rank = 1
+    min_micro_per_rank = 1
+    min_micro_structural = False
+    even_micro = False
+    even_micro_reason = ""
+    even_pp = False
     pp: int
     n_micro: int
     chunks_per_rank: int
     num_stages: int
+
+    # ----- rules -------------------------------------------------------------------------
+    @classmethod
+    def num_stages_for(cls, pp: int) -> int:
+        """Model stages (contiguous layer groups) of this schedule on ``pp`` ranks."""
+        return cls.stages_per_rank * pp
+
+    @classmethod
+    def fit_n_micro(cls, pp: int, n_micro: int) -> int:
+        """The smallest valid micro-batch count >= ``n_micro`` on ``pp`` ranks."""
+        n = max(n_micro, cls.min_micro_per_rank * pp)
+        return n + n % 2 if cls.even_micro else n
+
+    @classmethod
+    def check(cls, pp: int, n_micro: int, *, for_training: bool = True) -> None:
+        """Raise ``ValueError`` naming the fix unless ``pp`` ranks and ``n_micro``
+        micro-batches satisfy this schedule's rules (``for_training=False``: only those the
+        program generator needs; the constructors check that)."""
+        _check_positive(pp, n_micro)
+        if cls.even_pp and pp % 2:
+            others = sorted(k for k, c in SCHEDULES.items() if not c.even_pp
+                            and c.chunks_per_rank == cls.chunks_per_rank)
+            raise ValueError(
+                f"{cls.key} needs an even pp (an even number of pipeline ranks: rank r pairs with "
+                f"rank pp-1-r) but pp={pp}: use pp={pp + 1}{f' or {pp - 1}' if pp > 1 else ''}"
+                f"{', or schedule ' + ' / '.join(repr(k) for k in others) if others else ''}")
+        need, fix = cls.min_micro_per_rank * pp, cls.fit_n_micro(pp, n_micro)
+        if n_micro < need and (for_training or cls.min_micro_structural):
+            expr = "pp" if cls.min_micro_per_rank == 1 else f"{cls.min_micro_per_rank}*pp"
+            raise ValueError(
+                f"{cls.key} with pp={pp} needs n_micro >= {expr} = {need} micro-batches"
+                f"{' (an even number)' if cls.even_micro else ''}, got n_micro={n_micro}: use "
+                f"n_micro={fix} {_N_MICRO_HOW}")
+        if cls.even_micro and n_micro % 2:
+            raise ValueError(
+                f"{cls.key} {cls.even_micro_reason}, so n_micro must be even (an even number of "
+                f"micro-batches), got n_micro={n_micro}: use n_micro={fix} {_N_MICRO_HOW}")
 
     def _finish(self) -> None:
         # Routes and hop positions are looked up constantly by the checks and the simulator.
@@ -343,8 +411,8 @@ class _SingleChunk(PipelineSchedule):
     chunks_per_rank = 1
 
     def __init__(self, pp: int, n_micro: int):
-        _check_positive(pp, n_micro)
-        self.pp, self.n_micro, self.num_stages = pp, n_micro, pp
+        self.check(pp, n_micro, for_training=False)
+        self.pp, self.n_micro, self.num_stages = pp, n_micro, self.num_stages_for(pp)
         self._finish()
 
     def stage_of(self, rank: int, chunk: int) -> int:
@@ -363,6 +431,7 @@ class OneFOneB(_SingleChunk):
     """
 
     name = "1F1B"
+    key = "1f1b"
 
     def _build(self, rank: int) -> List[Action]:
         prog = _Program({0: range(self.n_micro)})
@@ -389,6 +458,7 @@ class ZB1P(_SingleChunk):
     """
 
     name = "ZB1P"
+    key = "zb1p"
 
     def _build(self, rank: int) -> List[Action]:
         prog = _Program({0: range(self.n_micro)})
@@ -477,23 +547,18 @@ class DualPipe(PipelineSchedule):
     """
 
     name = "DualPipe"
+    key = "dualpipe"
     chunks_per_rank = 2
+    stages_per_rank = 1  # the two chunks are two copies of one stage
+    min_micro_per_rank = 2
+    min_micro_structural = True
+    even_micro = True
+    even_micro_reason = "splits the micro-batches evenly over its two directions"
+    even_pp = True
 
     def __init__(self, pp: int, n_micro: int):
-        _check_positive(pp, n_micro)
-        if pp % 2:
-            raise ValueError(
-                f"DualPipe needs an even number of pipeline ranks, got pp={pp}: use pp={pp + 1} "
-                f"or pp={max(pp - 1, 2)}, or DualPipeV which accepts any pp")
-        if n_micro % 2:
-            raise ValueError(
-                f"DualPipe splits the micro-batches evenly over its two directions, so n_micro "
-                f"must be even, got {n_micro}: use n_micro={n_micro + 1}")
-        if n_micro < 2 * pp:
-            raise ValueError(
-                f"DualPipe needs n_micro >= 2*pp = {2 * pp} micro-batches, got {n_micro}: raise "
-                f"the gradient-accumulation steps (or lower pp)")
-        self.pp, self.n_micro, self.num_stages = pp, n_micro, pp
+        self.check(pp, n_micro, for_training=False)
+        self.pp, self.n_micro, self.num_stages = pp, n_micro, self.num_stages_for(pp)
         self._finish()
 
     def direction_of(self, mb: int) -> int:
@@ -525,7 +590,8 @@ class DualPipe(PipelineSchedule):
 
 
 class DualPipeV(PipelineSchedule):
-    """DualPipe cut in half: ``pp`` ranks, ``2*pp`` stages in a V, ``n_micro >= 2*pp``.
+    """DualPipe cut in half: ``pp`` ranks, ``2*pp`` stages in a V, ``n_micro >= 2*pp`` (odd
+    counts too: every micro-batch takes the same route, there are no directions to balance).
 
     Chunk 0 of rank r is stage r (the descending arm), chunk 1 is stage ``2*pp-1-r`` (the
     ascending arm); the turn of the V (stage pp-1 -> pp) stays on rank ``pp-1``.  Rank 0 holds
@@ -534,15 +600,15 @@ class DualPipeV(PipelineSchedule):
     """
 
     name = "DualPipeV"
+    key = "dualpipev"
     chunks_per_rank = 2
+    stages_per_rank = 2  # a V over 2*pp stages
+    min_micro_per_rank = 2  # any count >= 2*pp, odd included (one stream, no directions)
+    min_micro_structural = True
 
     def __init__(self, pp: int, n_micro: int):
-        _check_positive(pp, n_micro)
-        if n_micro < 2 * pp:
-            raise ValueError(
-                f"DualPipeV needs n_micro >= 2*pp = {2 * pp} micro-batches, got {n_micro}: "
-                f"raise the gradient-accumulation steps (or lower pp)")
-        self.pp, self.n_micro, self.num_stages = pp, n_micro, 2 * pp
+        self.check(pp, n_micro, for_training=False)
+        self.pp, self.n_micro, self.num_stages = pp, n_micro, self.num_stages_for(pp)
         self._finish()
 
     def stage_of(self, rank: int, chunk: int) -> int:
@@ -573,3 +639,21 @@ def early_posts(schedule: PipelineSchedule) -> List[Tuple[int, int, Message]]:
         for idx, comm in enumerate(schedule.comm_plan(rank)):
             out.extend((rank, idx, m) for m in comm.posts if m not in comm.recvs)
     return out
+
+
+# ------------------------------------------------------------------------------ registry
+SCHEDULES: Dict[str, type] = {c.key: c for c in (OneFOneB, ZB1P, DualPipe, DualPipeV)}
+
+
+def schedule_class(name: str) -> type:
+    """The schedule class registered as ``name`` (``parallel.schedule``); ValueError naming the
+    choices otherwise."""
+    cls = SCHEDULES.get(str(name).lower())
+    if cls is None:
+        raise ValueError(f"parallel.schedule={name!r} is unknown: use one of {sorted(SCHEDULES)}")
+    return cls
+
+
+def make_schedule(name: str, pp: int, n_micro: int) -> PipelineSchedule:
+    """The schedule ``name`` for ``pp`` ranks and ``n_micro`` micro-batches (rules checked)."""
+    return schedule_class(name)(pp, n_micro)

@@ -59,7 +59,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 def save_checkpoint(root: str | Path, step: int, weights: dict, buffers: dict | None = None,
                     trainer_state: dict | None = None, keep: int = 2) -> Path:
     """Save checkpoint ``step``: ``weights`` (the ZeRO-1 layout-independent weights and
-    optimizer state, see hai_llm.parallel.zero_ckpt), replicated ``buffers`` and the
+    optimizer state, see hai_llm.checkpoint.zero_state), replicated ``buffers`` and the
     picklable ``trainer_state`` (step, data position, counters)."""
     root = Path(root)
     final, tmp = step_dir(root, step), Path(str(step_dir(root, step)) + ".tmp")

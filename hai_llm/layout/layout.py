@@ -1,0 +1,171 @@
+"""The layout of a run, decided once: ``build_layout(cfg, world_size) -> Layout``.
+
+Every decision that shapes a parallel run is taken here and nowhere else: the degrees and
+every rank's mesh coordinates (``ParallelDims``), the pipeline schedule object (from the one
+registry, ``layout.schedules``), the stage partition (from the one partitioner,
+``layout.partition``) and the micro-batch counts. The launcher validates a config with it
+before any process starts, both runtimes and ``parallelize`` read it, the planner (dry run)
+and the collective checker plan from it, so they cannot disagree about what a run does.
+
+All checks live in ``build_layout`` and raise one-line ``ValueError`` s that name the config
+key and the fix. Value-only checks that need no layout (``train.steps >= 1``, a known
+precision...) stay in ``hai_llm.config.schema.validate_config``.
+
+Pure Python: nothing here imports torch (``ParallelDims.build_mesh`` imports it lazily).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, List, Optional
+
+from .dims import ParallelDims
+from .partition import partition_layers
+from .schedules import PipelineSchedule, schedule_class
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hai_llm.config.schema import Config
+
+TRANSPORTS = ("flat", "hierarchical")  # expert all-to-all implementations (parallel.transport)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything about where a run's work sits; built (and validated) by ``build_layout``.
+
+    ``stages[s]`` lists the global layer indices of model stage ``s``
+    (``[list(range(n_layers))]`` without a pipeline); a pipeline rank holds the stages
+    ``schedule.stage_of(pp_rank, chunk)`` of its local chunks (``stage_layers_of``).
+    ``n_micro`` micro-batches of ``micro_batch`` sequences make the ``local_batch`` sequences
+    one data-parallel rank processes per optimizer step.
+    """
+
+    dims: ParallelDims
+    schedule: Optional[PipelineSchedule]  # None when pp == 1
+    stages: List[List[int]]
+    n_micro: int
+    local_batch: int
+    micro_batch: int
+    transport: str
+    schedule_name: str  # the registry key of parallel.schedule (validated even when pp == 1)
+
+    # ------------------------------------------------------------------ degrees
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    @property
+    def pp(self) -> int:
+        return self.dims.pp
+
+    @property
+    def dp(self) -> int:
+        return self.dims.dp
+
+    @property
+    def sp(self) -> int:
+        return self.dims.sp
+
+    @property
+    def ep(self) -> int:
+        return self.dims.ep
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all data-parallel ranks."""
+        return self.local_batch * self.dims.dp
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    # ------------------------------------------------------------------ per rank
+    def coords(self, rank: int) -> dict:
+        """All mesh coordinates of global ``rank`` (pp, dp, sp, dp_sp, ep, edp, node, local)."""
+        return self.dims.coords(rank)
+
+    @property
+    def chunks_per_rank(self) -> int:
+        return 1 if self.schedule is None else self.schedule.chunks_per_rank
+
+    def stages_of(self, pp_rank: int) -> List[int]:
+        """Global stage index of each local chunk of pipeline rank ``pp_rank``."""
+        if not 0 <= pp_rank < self.dims.pp:
+            raise ValueError(f"pp_rank {pp_rank} out of range [0, {self.dims.pp})")
+        if self.schedule is None:
+            return [0]
+        return [self.schedule.stage_of(pp_rank, c) for c in range(self.schedule.chunks_per_rank)]
+
+    def stage_layers_of(self, pp_rank: int) -> List[List[int]]:
+        """Global layer indices of each local chunk of pipeline rank ``pp_rank``."""
+        return [list(self.stages[s]) for s in self.stages_of(pp_rank)]
+
+    def describe(self) -> str:
+        d = self.dims
+        sched = "no pipeline" if self.schedule is None else \
+            f"{self.schedule_name} over {self.num_stages} stages {[len(s) for s in self.stages]} layers"
+        return (f"world {d.world_size}: pp={d.pp} dp={d.dp} sp={d.sp} ep={d.ep} (edp={d.edp}), {sched}, "
+                f"{self.n_micro} micro-batches x {self.micro_batch} sequences per dp rank, "
+                f"transport {self.transport}")
+
+
+def _degree(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"parallel.{name}={value!r} must be an integer >= 1")
+    return value
+
+
+def build_layout(cfg: "Config", world_size: int) -> Layout:
+    """The validated layout of ``cfg`` on ``world_size`` ranks (``ValueError`` naming the fix)."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be an integer >= 1")
+    pp, dp, sp, ep = (_degree(k, getattr(p, k)) for k in ("pp", "dp", "sp", "ep"))
+    gpn = _degree("gpus_per_node", p.gpus_per_node)
+    if pp * dp * sp != world_size:
+        fix = (f"change parallel.dp to {world_size // (pp * sp)}" if world_size % (pp * sp) == 0
+               else "make the product equal the number of ranks")
+        raise ValueError(f"parallel.pp={pp} x parallel.dp={dp} x parallel.sp={sp} = {pp * dp * sp} "
+                         f"but the job has {world_size} ranks (parallel.nprocs or torchrun's "
+                         f"WORLD_SIZE): {fix}")
+    dims = ParallelDims(world_size=world_size, pp=pp, dp=dp, sp=sp, ep=ep, gpus_per_node=gpn)
+    if p.transport not in TRANSPORTS:
+        raise ValueError(f"parallel.transport={p.transport!r} is unknown: use one of {TRANSPORTS}")
+
+    # -- batch: global -> per data-parallel rank -> micro-batches
+    if t.global_batch < 1 or t.global_batch % dp:
+        raise ValueError(f"train.global_batch={t.global_batch} must be divisible by parallel.dp={dp}")
+    local = t.global_batch // dp
+    if local % t.micro_batch:
+        raise ValueError(f"train.global_batch / dp = {local} sequences per rank must be divisible by "
+                         f"train.micro_batch={t.micro_batch}")
+    n_micro = p.n_micro or local // t.micro_batch
+    if n_micro < 1 or local % n_micro:
+        raise ValueError(f"the {local} sequences per data-parallel rank do not split into "
+                         f"parallel.n_micro={n_micro} equal micro-batches: choose a divisor of {local}")
+
+    # -- the model against the degrees
+    if m.n_moe_layers > 0:
+        dims.check_experts(m.n_routed_experts, m.n_expert_groups)
+    elif ep > 1:
+        raise ValueError(f"parallel.ep={ep} but the model has no MoE layers: set parallel.ep=1")
+    dims.check_seq_len(cfg.data.seq_len)
+
+    # -- the pipeline: schedule rules, then the stage partition
+    cls = schedule_class(p.schedule)
+    stage_layers = list(p.stage_layers) or None
+    schedule = None
+    if pp > 1:
+        cls.check(pp, n_micro)
+        n_stages = cls.num_stages_for(pp)
+        if m.n_layers < n_stages:
+            why = f" ({cls.key} holds {cls.stages_per_rank} stages per rank)" if cls.stages_per_rank > 1 else ""
+            max_pp = m.n_layers // cls.stages_per_rank  # largest pp this model can fill
+            fix = f"lower parallel.pp to at most {max_pp} or add layers" if max_pp else "add layers"
+            raise ValueError(f"model.n_layers={m.n_layers} is fewer than the {n_stages} pipeline "
+                             f"stages{why}: {fix}")
+        stages = partition_layers(m, n_stages, stage_layers)
+        schedule = cls(pp, n_micro)
+    else:
+        stages = partition_layers(m, 1, stage_layers)
+    return Layout(dims=dims, schedule=schedule, stages=stages, n_micro=n_micro, local_batch=local,
+                  micro_batch=local // n_micro, transport=p.transport, schedule_name=cls.key)

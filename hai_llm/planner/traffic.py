@@ -1,0 +1,164 @@
+"""What a rank sends per training step, by group and link.
+
+Bytes this rank sends; ring algorithms, so a reduce-scatter or an all-gather of B bytes over
+n ranks sends (n-1)/n * B and an all-reduce 2 (n-1)/n * B:
+
+* ZeRO-1 reduce-scatter of fp32 gradients and all-gather of bf16 weights over ``dp_sp``
+  (dense) and ``edp`` (experts); without ZeRO-1 an all-reduce of the gradients;
+* the DualPipe pair all-reduce of the ZeRO shard (the two copies of a stage) and the shared
+  embedding's all-reduce (1F1B with MTP);
+* the EP all-to-all per micro-batch per MoE layer (forward dispatch FP8 + backward
+  combine-gradient FP8, forward combine BF16 + backward dispatch-gradient BF16) split into
+  InfiniBand and NVLink copies by ``ep_traffic`` (node-limited, DeepEP-style routing);
+* the pipeline send of activations (forward) and activation gradients (backward),
+  T * dim * 2 bytes each;
+* the sequence-parallel all-gather of the 576-number MLA latent per attention layer (and the
+  reduce-scatter of its gradient).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from hai_llm.layout.dims import ParallelDims
+from hai_llm.model.args import ModelArgs
+
+from .activations import FP8_TILE, SCALE_BYTES
+
+
+@dataclass
+class CommItem:
+    name: str
+    group: str  # dp_sp | edp | ep | pp | sp | pair | embed
+    link: str  # "IB" | "NVLink" | "mixed"
+    op: str
+    bytes_per_step: float
+    detail: str = ""
+
+
+def _distinct_targets(n_gpus: int, per_gpu: int, k: float) -> float:
+    """Expected number of distinct GPUs hit when k experts are drawn uniformly without
+    replacement from n_gpus * per_gpu experts (per_gpu on each GPU); k may be fractional
+    (linear interpolation between floor and ceil)."""
+    total = n_gpus * per_gpu
+
+    def exact(kk: int) -> float:
+        kk = max(0, min(kk, total))
+        miss = math.comb(total - per_gpu, kk) / math.comb(total, kk) if kk <= total - per_gpu else 0.0
+        return n_gpus * (1.0 - miss)
+
+    lo = math.floor(k)
+    frac = k - lo
+    return exact(lo) if frac == 0 else (1 - frac) * exact(lo) + frac * exact(lo + 1)
+
+
+def ep_traffic(args: ModelArgs, dims: ParallelDims) -> dict[str, float]:
+    """Expected copies of one token's hidden state that leave its GPU in one dispatch.
+
+    DeepEP-style node-limited routing (REFERENCE.md sec. 5), balanced uniform routing:
+
+    * EP group on one node (``ep <= gpus_per_node``): the token goes once to every distinct GPU
+      hosting one of its K experts, d = ep * (1 - C(E - e, K) / C(E, K)) with e = E / ep experts
+      per GPU; the copies that are its own GPU (d / ep of them) stay local. IB = 0.
+    * EP group on N = ep / gpus_per_node nodes, one expert group per node, each token limited to
+      M = n_limited_groups nodes, K / M experts on each: one IB copy per selected remote node,
+      ``ib = M (1 - 1/N)`` (own node selected with probability M/N); on each selected node the
+      copy is forwarded over NVLink to the d = g (1 - C(E_node - e, K/M) / C(E_node, K/M))
+      distinct target GPUs other than the entry GPU, ``nvlink = M d (1 - 1/g)`` (g GPUs/node).
+
+    ``naive`` is what a per-expert all_to_all_single moves (K (1 - 1/ep) copies, no dedup), of
+    which ``naive_cross_node`` cross nodes. Combine moves the same copies back (partial sums
+    are reduced on the forwarding GPU before crossing IB).
+    """
+    E, K, ep, g = args.n_routed_experts, args.n_activated_experts, dims.ep, dims.gpus_per_node
+    out = {"ib": 0.0, "nvlink": 0.0, "naive": 0.0, "naive_cross_node": 0.0, "nodes": 1,
+           "nodes_per_token": 1.0}
+    if ep == 1 or args.n_moe_layers == 0:
+        return out
+    per_gpu = E // ep
+    out["naive"] = K * (1 - 1 / ep)
+    n_nodes = dims.nodes_per_ep_group if ep > g and dims.world_size >= g else 1
+    out["nodes"] = n_nodes
+    if n_nodes == 1:
+        d = _distinct_targets(ep, per_gpu, K)
+        out["nvlink"] = d * (1 - 1 / ep)
+        return out
+    M = min(args.n_limited_groups, n_nodes) if args.n_expert_groups == n_nodes else n_nodes
+    d = _distinct_targets(g, per_gpu, K / M)
+    out["nodes_per_token"] = float(M)
+    out["ib"] = M * (1 - 1 / n_nodes)
+    out["nvlink"] = M * d * (1 - 1 / g)
+    out["naive_cross_node"] = K * (1 - g / ep)
+    return out
+
+
+def _ring(n: int) -> float:
+    return (n - 1) / n if n > 1 else 0.0
+
+
+def shard_size(params: int, n: int) -> int:
+    """Elements of a ZeRO-1 shard of ``params`` over ``n`` ranks."""
+    return -(-params // n)  # ZeRO pads to a multiple of n
+
+
+def rank_comm(args: ModelArgs, dims: ParallelDims, *, dense: int, expert: int, zero1: bool,
+              pair: bool, shared_embed: int, mb_moe: int, mb_attn: int, pp_sends: int, T: int,
+              fp8: bool, ept: dict[str, float]) -> list[CommItem]:
+    """Everything one pipeline rank sends in one step.
+
+    ``dense`` / ``expert``: parameters it holds (experts already / ep); ``pair``: DualPipe, its
+    stages also live on rank pp-1-r; ``shared_embed``: parameters of an embedding copy it keeps
+    for MTP (0: none); ``mb_moe`` / ``mb_attn``: micro-batch x MoE-layer (attention-layer)
+    passes; ``pp_sends``: activation and gradient sends to other pipeline ranks; ``T``: tokens
+    per micro-batch; ``ept``: ``ep_traffic``.
+    """
+    n_d, n_e, pp, D = dims.stage_size, dims.edp, dims.pp, args.dim
+    zd, ze = (n_d, n_e) if zero1 else (1, 1)
+    b_disp = 1.0 + SCALE_BYTES / FP8_TILE if fp8 else 2.0  # FP8 E4M3 + an fp32 scale per 1x128 tile
+    comm: list[CommItem] = []
+    if zero1:
+        comm += [
+            CommItem("dense grad reduce-scatter", "dp_sp", "mixed", "reduce_scatter fp32",
+                     _ring(n_d) * 4 * shard_size(dense, n_d) * n_d, f"(n-1)/n * 4 B * P_dense, n={n_d}"),
+            CommItem("dense weight all-gather", "dp_sp", "mixed", "all_gather bf16",
+                     _ring(n_d) * 2 * shard_size(dense, n_d) * n_d, f"(n-1)/n * 2 B * P_dense, n={n_d}"),
+            CommItem("expert grad reduce-scatter", "edp", "mixed", "reduce_scatter fp32",
+                     _ring(n_e) * 4 * shard_size(expert, n_e) * n_e, f"(n-1)/n * 4 B * P_expert, n={n_e}"),
+            CommItem("expert weight all-gather", "edp", "mixed", "all_gather bf16",
+                     _ring(n_e) * 2 * shard_size(expert, n_e) * n_e, f"(n-1)/n * 2 B * P_expert, n={n_e}"),
+        ]
+    else:
+        comm += [
+            CommItem("dense grad all-reduce", "dp_sp", "mixed", "all_reduce fp32",
+                     2 * _ring(n_d) * 4 * dense, f"2(n-1)/n * 4 B * P_dense, n={n_d}"),
+            CommItem("expert grad all-reduce", "edp", "mixed", "all_reduce fp32",
+                     2 * _ring(n_e) * 4 * expert, f"2(n-1)/n * 4 B * P_expert, n={n_e}"),
+        ]
+    if pair:
+        comm.append(CommItem("dualpipe pair grad all-reduce", "pair", "IB", "all_reduce fp32",
+                             2 * _ring(2) * 4 * (shard_size(dense, zd) + shard_size(expert, ze)),
+                             f"ranks r and {pp - 1}-r hold the same 2 stages: sum their "
+                             f"(ZeRO-sharded) fp32 grads"))
+    if shared_embed:
+        comm.append(CommItem("shared embedding grad all-reduce", "embed", "IB", "all_reduce fp32",
+                             2 * _ring(2) * 4 * shared_embed, "stage 0 <-> MTP stage"))
+    for link in ("ib", "nvlink"):
+        if ept[link] > 0:
+            L = "IB" if link == "ib" else "NVLink"
+            comm.append(CommItem(f"EP dispatch ({L})", "ep", L, "all_to_all FP8" if fp8 else "all_to_all bf16",
+                                 2 * mb_moe * T * D * ept[link] * b_disp,
+                                 f"fwd dispatch + bwd combine-grad: {mb_moe} micro-batch x MoE-layer "
+                                 f"x T={T} x D={D} x {ept[link]:.3f} copies x {b_disp:.4g} B"))
+            comm.append(CommItem(f"EP combine ({L})", "ep", L, "all_to_all bf16",
+                                 2 * mb_moe * T * D * ept[link] * 2.0,
+                                 f"fwd combine + bwd dispatch-grad: {mb_moe} x T x D x "
+                                 f"{ept[link]:.3f} copies x 2 B"))
+    if pp_sends:
+        comm.append(CommItem("PP send act/grad", "pp", "IB", "send bf16", pp_sends * T * D * 2.0,
+                             f"{pp_sends} sends x T x D x 2 B"))
+    if dims.sp > 1:
+        lat = args.kv_lora_rank + args.qk_rope_head_dim
+        comm.append(CommItem("SP latent all-gather + grad reduce-scatter", "sp", "NVLink",
+                             "all_gather bf16", 2 * mb_attn * (dims.sp - 1) * T * lat * 2.0,
+                             f"2 x {mb_attn} micro-batch x attn-layer x (sp-1) x T x {lat} x 2 B"))
+    return comm

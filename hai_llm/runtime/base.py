@@ -1,0 +1,89 @@
+"""The runtime interface between the training loop and a layout, and the single-process runtime.
+
+The loop (``hai_llm.train.trainer.Trainer``) is written once for every layout. What differs
+between layouts (where the model's parts live, how a step is scheduled over pipeline stages,
+how gradients are reduced and the optimizer state sharded, how the loss and the expert load
+are summed across ranks) lives behind :class:`Runtime`. Three implement it:
+:class:`SingleProcessRuntime` (here: the reference every parallel layout is tested against),
+``hai_llm.runtime.mesh.MeshRuntime`` (dp x sp x ep) and
+``hai_llm.runtime.pipeline.PipelineRuntime`` (pp x dp x sp x ep). All of them take their
+layout from ``hai_llm.layout.build_layout`` and build their model with
+``hai_llm.runtime.parallelize.parallelize``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from hai_llm.config.schema import Config
+from hai_llm.layout import Layout, build_layout
+from hai_llm.parallel.zero import ReduceSpec, ZeroOptimizer
+
+from .parallelize import parallelize
+
+
+class Runtime(ABC):
+    """What a layout supplies to the training loop.
+
+    ``layout``: the run's ``Layout`` (micro-batch counts, degrees). ``is_main`` / ``dp_rank`` /
+    ``dp_world``: who logs, and which share of the data this rank reads. ``spec_of(name, p)``:
+    where a parameter's gradient is reduced (ZeRO-1 ``ReduceSpec``; None: this rank alone) and
+    ``world_group`` the group of the global gradient norm.
+    """
+
+    cfg: Config
+    layout: Layout
+    is_main: bool = True
+    dp_rank: int = 0
+    dp_world: int = 1
+    spec_of: Optional[Callable[[str, torch.Tensor], ReduceSpec]] = None
+    world_group = None
+
+    @abstractmethod
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """This rank's part of ``model`` (built identically on every rank), parallelized."""
+
+    def positions(self, seq_len: int, device) -> torch.Tensor | None:
+        """Positions of the window this rank computes (None: all of them)."""
+        return None
+
+    def forward_backward(self, model: nn.Module, batch: torch.Tensor, n_micro: int, autocast) -> dict:
+        """Run all micro-batches of this rank's batch; return summed (already 1/n_micro
+        weighted) loss terms and expert counts."""
+        totals = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
+        counts = None
+        pos = self.positions(batch.shape[1] - 1 - model.args.n_mtp_layers, batch.device)
+        for mb in batch.chunk(n_micro):
+            with autocast():
+                out = model.loss(mb, pos)
+            (out.loss / n_micro).backward()
+            for k in totals:
+                totals[k] += float(getattr(out, k).detach()) / n_micro
+            if out.expert_counts is not None:
+                counts = out.expert_counts if counts is None else counts + out.expert_counts
+        totals["counts"] = counts
+        return totals
+
+    def reduce_metrics(self, totals: dict) -> dict:
+        """Average loss terms and sum expert counts over the ranks sharing a step."""
+        return totals
+
+    def build_optimizer(self, model: nn.Module, cfg: Config) -> ZeroOptimizer:
+        o = cfg.optim
+        return ZeroOptimizer(model, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                             moments_dtype=torch.bfloat16 if o.moments_dtype == "bfloat16" else torch.float32,
+                             spec_of=self.spec_of, world_group=self.world_group)
+
+
+class SingleProcessRuntime(Runtime):
+    """One process, no parallelism: the layout of a world of one (FP8 swap only)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.layout = build_layout(cfg, 1)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return parallelize(model, self.layout, self.cfg).model
