@@ -1,8 +1,10 @@
 """Activation memory of one forward + backward of the small model with recompute
-none / selective / full, and the cost of the CPU-side EMA.
+none / selective / full, the memory of the optimizer step (ZeRO-1 gradient buckets, master
+shard, AdamW moments and temporaries) and the cost of the host-side EMA.
 
     python benchmarks/bench_memory.py                 # small model, seq 256, batch 4, fp32, CPU
     python benchmarks/bench_memory.py --seq 128 --batch 2 --no-rss --no-ema
+    python benchmarks/bench_memory.py --opt-only      # only the optimizer-step table
 
 What is measured (CPU, so no allocator statistics to read):
 
@@ -21,11 +23,19 @@ What is measured (CPU, so no allocator statistics to read):
   mmap threshold is pinned at 64 KiB so that freed tensors go back to the OS. Coarse, but
   independent of the two hook-based counts.
 
+The optimizer part builds the trainer's ``ZeroOptimizer`` over the model (a world of one:
+the shard is the whole bucket), runs two forward + backward + optimizer steps and, during the
+second (moments already allocated), counts the storages created by ``reduce_gradients`` (the
+fp32 gradient bucket, the reduce-scatter result, the float64 norm temporaries) and by the AdamW
+update (its scratch), with the same dispatch-mode tracker, ignoring the tensors that existed
+before (parameters, gradients, master shard, moments). ``--opt-chunk`` sets the slice size of
+the norm and of AdamW (``ZeroOptimizer(chunk=...)``): temporaries are bounded by it.
+
 The EMA part trains the same model for a few steps with and without ``train.ema_decay``
-and reports the shadow's host bytes, the step times, the time the training thread spends
-in ``CPUEma.update`` (snapshot copy) and the time of the fold that runs on the worker
-thread: if the EMA overlaps with the next step, (step with EMA - step without) is about
-the snapshot time, not snapshot + fold.
+and reports the EMA's host bytes (this rank's ZeRO master shard), the step times, the time
+the training thread spends in ``CPUEma.update`` (queueing the snapshot copy) and the time
+of the fold that runs on the worker thread: if the EMA overlaps with the next step, (step
+with EMA - step without) is about the snapshot time, not snapshot + fold.
 """
 from __future__ import annotations
 
@@ -55,10 +65,14 @@ def mib(n: float) -> str:
 
 
 class LiveStorageTracker(TorchDispatchMode):
-    """Bytes of storages created under this mode that are still alive, and their peak."""
+    """Bytes of storages created under this mode that are still alive, and their peak.
+    ``known``: tensors that existed before (their storages are not counted when an in-place
+    op returns them)."""
 
-    def __init__(self):
+    def __init__(self, known=()):
         super().__init__()
+        self.known = list(known)  # kept alive, so their storages' ids stay theirs
+        self.known_ids = {id(t.untyped_storage()) for t in self.known}
         self.live: dict[int, int] = {}
         self.cur = 0
         self.peak = 0
@@ -72,7 +86,7 @@ class LiveStorageTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 st = t.untyped_storage()
                 key = id(st)
-                if key in self.live or st.nbytes() == 0:
+                if key in self.live or key in self.known_ids or st.nbytes() == 0:
                     continue
                 self.live[key] = st.nbytes()
                 self.cur += st.nbytes()
@@ -112,6 +126,50 @@ def measure_mode(model_args, mode: str, batch: int, seq: int) -> dict:
     dt = time.perf_counter() - t0
     return {"mode": mode, "saved": sum(seen.values()), "after_fwd": after_fwd, "peak": tr.peak, "loss": loss,
             "time_s": dt}
+
+
+def optimizer_memory(model_args, batch: int, seq: int, moments: torch.dtype, chunk: int) -> dict:
+    """Bytes of the ZeRO-1 optimizer step of a world of one (module docstring), second step."""
+    from hai_llm.parallel.zero import ZeroOptimizer
+
+    model = build(model_args, "none")
+    zo = ZeroOptimizer(model, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, moments_dtype=moments,
+                       chunk=chunk)
+    tokens = torch.randint(0, model_args.vocab_size, (batch, seq + 1 + model_args.n_mtp_layers),
+                           generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        zo.zero_grad()
+        model.loss(tokens).loss.backward()
+        known = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
+        known += [b.master for b in zo.buckets] + [t for st in zo.inner.state.values() for t in st.values()]
+        tr = LiveStorageTracker(known)
+        with tr:
+            norm = zo.reduce_gradients()
+            reduce_peak, reduce_live = tr.peak, tr.cur  # live: the reduced shard (master.grad)
+            tr.peak = tr.cur
+            zo.clip(float(norm), 1.0)
+            zo.step()
+            adam_peak = tr.peak - reduce_live
+    mom = 2 if moments == torch.bfloat16 else 4
+    return {"moments": "bf16" if moments == torch.bfloat16 else "fp32", "chunk": chunk,
+            "master": sum(b.master.numel() * 4 for b in zo.buckets),
+            "moment_bytes": sum(2 * b.master.numel() * mom for b in zo.buckets),
+            "bucket": sum(b.shard * b.world * 4 for b in zo.buckets),
+            "reduce_peak": reduce_peak, "reduce_live": reduce_live, "adam_peak": adam_peak,
+            "step_peak": max(reduce_peak, reduce_live + adam_peak)}
+
+
+def print_optimizer_table(model_args, batch: int, seq: int, chunks: list[int]) -> None:
+    rows = [optimizer_memory(model_args, batch, seq, m, c) for c in chunks for m in (torch.float32, torch.bfloat16)]
+    print()
+    print("optimizer step (ZeRO-1, world of one; MiB; created during the step, besides params/grads/state)")
+    print(f"{'moments':<8} {'chunk':>9} {'master':>8} {'moments':>8} {'grad bucket':>11} {'reduce peak':>11} "
+          f"{'AdamW tmp':>9} {'step peak':>9}")
+    for r in rows:
+        print(f"{r['moments']:<8} {r['chunk']:>9} {mib(r['master'])} {mib(r['moment_bytes'])} "
+              f"{mib(r['bucket']):>11} {mib(r['reduce_peak']):>11} {mib(r['adam_peak'])} {mib(r['step_peak'])}")
+    print("reduce peak = grad bucket + float64 norm temporaries; AdamW tmp = its scratch buffers; step peak =\n"
+          "the largest of the two phases (the reduced shard stays alive through the AdamW update)")
 
 
 def _vm(field: str) -> int:
@@ -211,16 +269,15 @@ def _ema_benchmark(tmp, model_name, batch, seq, steps, OmegaConf, config_dir, Co
         res["range"][label] = (min(ts), max(ts))
     t = runs["with EMA"]
     t.ema.wait()
-    res["ema_bytes"] = sum(v.numel() * v.element_size() for v in t.ema.shadow.values())
+    res["ema_bytes"] = sum(v.numel() * v.element_size() for v in t.ema.shards)
     res["param_bytes"] = sum(p.numel() * p.element_size() for p in t.model.parameters())
     # one update split into the part on the training thread and the background fold
     t0 = time.perf_counter()
-    t.ema.update(t.model)
+    t.ema.update()
     res["snapshot_s"] = time.perf_counter() - t0
     t.ema.wait()
-    snap = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in t.model.named_parameters()}
     t0 = time.perf_counter()
-    t.ema._fold(snap)
+    t.ema._fold(None)  # the fold alone, on the snapshot already staged
     res["fold_s"] = time.perf_counter() - t0
     res["n_steps"] = 2 * steps
     return res
@@ -235,6 +292,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ema-seq", type=int, default=128, help="sequence length of the EMA step timing")
     ap.add_argument("--no-rss", action="store_true", help="skip the per-mode subprocess RSS measurement")
     ap.add_argument("--no-ema", action="store_true", help="skip the EMA timing")
+    ap.add_argument("--opt-chunk", type=int, action="append",
+                    help="slice size(s) of the optimizer step (default: ZeroOptimizer's, and 2**18)")
+    ap.add_argument("--opt-only", action="store_true", help="only the optimizer-step table")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -250,6 +310,10 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in build(margs, "none").parameters())
     print(f"model {a.model}: {n_params:,} parameters, batch {a.batch} x seq {a.seq}, fp32, CPU, "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    chunks = a.opt_chunk or [1 << 22, 1 << 18]
+    if a.opt_only:
+        print_optimizer_table(margs, a.batch, a.seq, chunks)
+        return 0
     rows = [measure_mode(margs, m, a.batch, a.seq) for m in MODES]
     rss = rss_per_mode(a.model, a.batch, a.seq) if not a.no_rss else {}
     ref = rows[0]
@@ -264,13 +328,15 @@ def main(argv=None) -> int:
               f"{rs:>10} {r['after_fwd'] / ref['after_fwd']:>8.2f} {r['time_s']:>9.2f}  {r['loss']:.6f}")
     same = all(r["loss"] == ref["loss"] for r in rows)
     print(f"losses identical across modes: {same}")
+    print_optimizer_table(margs, a.batch, a.seq, chunks)
 
     if not a.no_ema:
         e = ema_benchmark(a.model, a.batch, a.ema_seq, a.ema_steps)
         diff = e["with EMA"] - e["without EMA"]
         print()
-        print(f"EMA (decay 0.99), fp32 shadow in host memory: {e['ema_bytes']:,} bytes = "
-              f"{e['ema_bytes'] / e['param_bytes']:.2f} x the fp32 parameters ({e['param_bytes']:,} bytes)")
+        print(f"EMA (decay 0.99) of this rank's fp32 master shard, in host memory: {e['ema_bytes']:,} bytes = "
+              f"{e['ema_bytes'] / e['param_bytes']:.2f} x the fp32 parameters ({e['param_bytes']:,} bytes; "
+              f"1/W of them on each of W ZeRO ranks)")
         print(f"trainer step, batch {a.batch} x seq {a.ema_seq}, median of {e['n_steps']}: "
               f"without EMA {e['without EMA'] * 1e3:.1f} ms, with EMA {e['with EMA'] * 1e3:.1f} ms "
               f"(difference {diff * 1e3:+.1f} ms)")

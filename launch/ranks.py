@@ -7,8 +7,11 @@
 * otherwise: train in this process.
 
 The layout is built (and validated) by ``hai_llm.layout.build_layout`` before any process
-starts, so a bad layout fails at once with its message instead of inside N ranks; every
-rank then builds the same layout again and hands it to its runtime.
+starts (:func:`check_layout`), so a bad layout fails at once with its message instead of
+inside N ranks; every rank then builds the same layout again and hands it to its runtime.
+Under torchrun that includes the node size: ``parallel.gpus_per_node`` 0 (auto) becomes
+torchrun's ``LOCAL_WORLD_SIZE`` and an explicit other value is refused
+(``hai_llm.layout.layout.resolve_gpus_per_node``).
 """
 from __future__ import annotations
 
@@ -35,13 +38,24 @@ def _summary(trainer, results) -> dict:
 
 def world_size_of(cfg: Config) -> int:
     """torchrun's WORLD_SIZE when launched by torchrun, else parallel.nprocs."""
-    if "WORLD_SIZE" in os.environ and not os.environ.get("HAI_LLM_SIMULATED"):
+    if is_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if cfg.parallel.nprocs not in (1, world):
             raise ValueError(f"parallel.nprocs={cfg.parallel.nprocs} but torchrun started {world} ranks: "
                              f"drop parallel.nprocs (torchrun decides) or make them equal")
         return world
     return cfg.parallel.nprocs
+
+
+def is_torchrun() -> bool:
+    """This process was started by torchrun (not one of our simulated ranks)."""
+    return "WORLD_SIZE" in os.environ and not os.environ.get("HAI_LLM_SIMULATED")
+
+
+def check_layout(cfg: Config):
+    """The launcher's validation, before anything is written or started: the world size
+    (torchrun's or ``parallel.nprocs``) and the layout on it, node size included."""
+    return build_layout(cfg, world_size_of(cfg))
 
 
 def _train_rank(rank: int, world: int, cfg: Config) -> dict:
@@ -77,10 +91,8 @@ def _torchrun(cfg: Config, cfg_yaml: str, world: int) -> dict:
 
 
 def launch(cfg: Config, cfg_yaml: str) -> dict:
-    world = world_size_of(cfg)
-    build_layout(cfg, world)  # a bad layout fails here, before anything is written or started
-    torchrun = "WORLD_SIZE" in os.environ and not os.environ.get("HAI_LLM_SIMULATED")
-    if torchrun and world > 1:
+    world = check_layout(cfg).world_size  # a bad layout fails here, before anything is written or started
+    if is_torchrun() and world > 1:
         summary = _torchrun(cfg, cfg_yaml, world)
         if int(os.environ.get("RANK", 0)) != 0:
             return summary

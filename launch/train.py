@@ -5,7 +5,8 @@
     hai-llm-train -m optim.lr=1e-3,3e-3            # a sweep: one output folder per job
 
 With ``parallel.nprocs=1`` the run happens in this process. Larger layouts go through
-``hai_llm.launch.ranks`` (simulated gloo ranks on one machine) or torchrun.
+``hai_llm.launch.ranks`` (simulated gloo ranks on one machine) or torchrun; under torchrun
+only rank 0 makes a Hydra run folder (``rank_overrides``).
 """
 from __future__ import annotations
 
@@ -49,7 +50,26 @@ def _hydra_main(cfg: DictConfig) -> float:
     return summary.get("final_loss", float("nan"))
 
 
+def rank_overrides(argv: list[str], env: dict) -> list[str]:
+    """Hydra overrides that keep a torchrun rank other than 0 from writing anything.
+
+    Every rank runs Hydra, and Hydra makes a run folder (``hydra.run.dir``, timestamped by
+    default) with ``.hydra/`` and a log file in it: on a multi-node job every node's ranks
+    would leave one, empty but for those, and ranks sharing a folder would write the same
+    files. Rank 0's folder is the run (``launch.ranks`` broadcasts its ``train.out_dir``); the
+    others take Hydra's documented way of not making one: ``hydra.run.dir=.`` (the current
+    folder, which exists), ``hydra.output_subdir=null`` (no ``.hydra/``) and the ``stdout``
+    job logging (the default's console handler without its file). They come after the
+    user's overrides, since Hydra's last value of a key wins. A sweep (``-m``) is left alone.
+    """
+    rank = env.get("RANK")
+    if rank in (None, "", "0") or env.get("HAI_LLM_SIMULATED") or {"-m", "--multirun"} & set(argv):
+        return []
+    return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
 def main() -> None:
+    sys.argv += rank_overrides(sys.argv[1:], dict(os.environ))
     _hydra_main()
 
 

@@ -314,13 +314,15 @@ def test_mtp_loss_uses_correct_shifts(tiny_args):
     balance = sum(s.balance_loss for s in model.pop_moe_stats())  # main-model MoE layers
     rope = model.rope(pos)
 
-    def mtp_ce(emb_shift, tgt_shift):
+    def mtp_ce(emb_shift, tgt_shift, h_in):
         mod = model.mtp[0]
-        hk = mod(h, model.embed(tokens[:, emb_shift:S + emb_shift]), rope)
+        hk = mod(h_in, model.embed(tokens[:, emb_shift:S + emb_shift]), rope)
         return F.cross_entropy(model.head(mod.norm(hk)).flatten(0, 1),
                                tokens[:, tgt_shift:S + tgt_shift].flatten())
 
-    mtp = mtp_ce(1, 2)  # depth 1: embedding of t+1, predicting t+2
+    # depth 1: the main model's normed final state (docs/deepseek_v3.md#mtp) and the embedding of
+    # t+1, predicting t+2
+    mtp = mtp_ce(1, 2, model.norm(h))
     balance = balance + sum(s.balance_loss for s in model.pop_moe_stats())  # + the MTP block's
     assert float(balance) > 0
     assert abs(float(out.ce) - float(ce)) < 1e-5
@@ -328,7 +330,7 @@ def test_mtp_loss_uses_correct_shifts(tiny_args):
     assert abs(float(out.balance) - float(balance)) < 1e-7
     expect = ce + tiny_args.mtp_lambda * mtp + balance
     assert abs(float(out.loss) - float(expect)) < 1e-5
-    for wrong in (mtp_ce(1, 1), mtp_ce(0, 2), mtp_ce(2, 2)):
+    for wrong in (mtp_ce(1, 1, model.norm(h)), mtp_ce(0, 2, model.norm(h)), mtp_ce(2, 2, model.norm(h))):
         assert abs(float(out.mtp) - float(wrong)) > 1e-2
 
     # inside the module: eh_proj([enorm(embedding) ; hnorm(h)]), embedding first

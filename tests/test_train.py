@@ -382,6 +382,47 @@ def test_adamw_bf16_moments():
         torch.testing.assert_close(pa, pb, rtol=2e-2, atol=2e-3)
 
 
+@torch.no_grad()
+def _former_adamw_step(opt):
+    """AdamW.step as it was before the update ran slice by slice (whole-tensor temporaries)."""
+    for group in opt.param_groups:
+        b1, b2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            st = opt.state[p]
+            if not st:
+                st.update(step=0.0, exp_avg=torch.zeros_like(p, dtype=opt.moments_dtype),
+                          exp_avg_sq=torch.zeros_like(p, dtype=opt.moments_dtype))
+            st["step"] = t = st["step"] + 1.0
+            g = p.grad.float()
+            m = st["exp_avg"].float().lerp_(g, 1 - b1)
+            v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+            st["exp_avg"].copy_(m), st["exp_avg_sq"].copy_(v)
+            denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+            p.mul_(1 - lr * wd).add_((m / (1 - b1 ** t)).div_(denom), alpha=-lr)  # fp32 p, wd > 0
+
+
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+def test_adamw_slices_are_bit_identical_to_the_whole_tensor_update(moments):
+    """The slice-by-slice update (bounded scratch) against the former whole-tensor formula: the
+    arithmetic is elementwise, so any slicing gives the same bits (weights and both moments)."""
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(1000, 3, generator=gen)
+    for chunk in (7, 1024, 1 << 22):  # uneven slices, a few, one
+        a, b = init.clone().requires_grad_(), init.clone().requires_grad_()
+        ours = AdamW([a], lr=1e-2, moments_dtype=moments, chunk=chunk)
+        ref = AdamW([b], lr=1e-2, moments_dtype=moments)
+        for _ in range(4):
+            g = torch.randn(1000, 3, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+            ours.step()
+            _former_adamw_step(ref)
+            # bit-exact: the same elementwise operations on the same values, in the same order
+            assert torch.equal(a, b) and all(torch.equal(ours.state[a][k], ref.state[b][k])
+                                             for k in ("exp_avg", "exp_avg_sq")), chunk
+        assert ours.state[a]["step"].device.type == "cpu"  # host-side counter: no device sync
+
+
 def test_single_process_zero_optimizer_matches_torch_adamw_with_clipping():
     """The trainer's optimizer (ZeRO-1 wrapper, one process) = clip_grad_norm_ + torch AdamW
     with decay on matrices only."""
@@ -400,7 +441,9 @@ def test_single_process_zero_optimizer_matches_torch_adamw_with_clipping():
         lr = 1e-2 * (step + 1) / 5
         zo.zero_grad()
         a(x).pow(2).sum().backward()
-        norm = zo.reduce_gradients()
+        norm_t = zo.reduce_gradients()  # a float64 device tensor: the trainer reads it once per step
+        assert norm_t.dtype == torch.float64 and norm_t.device == a[0].weight.device
+        norm = float(norm_t)
         zo.clip(norm, 0.5)
         set_lr(zo, lr)
         zo.step()
@@ -438,6 +481,44 @@ def test_trainer_optimizer_groups_and_moments_dtype(make_config, tmp_path):
     for b in opt.buckets:
         for p, o in zip(b.params, b.offsets, strict=True):  # bit-exact: params are copies
             assert torch.equal(p.detach().flatten(), b.master[o:o + p.numel()])
+
+
+# =========================================================================================
+# One host read per step; precision default
+# =========================================================================================
+def test_one_host_read_per_step(make_config, tmp_path, monkeypatch):
+    """The loop, runtime, ZeRO and AdamW read nothing back during a step but the trainer's one
+    ``tolist`` of [loss terms, grad norm, load stats] (on a GPU each read is a synchronisation;
+    AdamW's step counter is a host tensor by design, not counted)."""
+    import sys
+    files = ("hai_llm/train/", "hai_llm/runtime/", "hai_llm/parallel/zero.py", "hai_llm/optim/")
+    t = Trainer(make_config(tmp_path, "train.steps=3", "train.ema_decay=0.5", "model.seq_aux_alpha=0.01"))
+    t.train_step()  # warm-up: lazy state
+    counters, reads = {id(st["step"]) for st in t.optimizer.inner.state.values()}, []
+
+    def wrap(name, orig):
+        def read(self, *a, **k):
+            f = sys._getframe(1)  # the line that reads
+            if any(d in f.f_code.co_filename for d in files) and id(self) not in counters:
+                reads.append((f.f_code.co_filename.rsplit("hai_llm/", 1)[-1], f.f_lineno, name))
+            return orig(self, *a, **k)
+        return read
+
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    r = t.train_step()
+    monkeypatch.undo()
+    assert [(f, n) for f, _, n in reads] == [("train/trainer.py", "tolist")], reads
+    assert not r.skipped and math.isfinite(r.loss) and r.load_max_over_mean >= 1.0
+
+
+def test_precision_auto_is_bf16_on_cuda_fp32_on_cpu(make_config, tmp_path):
+    from hai_llm.config.schema import TrainConfig
+    from hai_llm.train.trainer import resolve_precision
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert TrainConfig().precision == "auto" and resolve_precision("auto", cuda) == "bf16"
+    assert [resolve_precision(p, cpu) for p in ("auto", "fp32", "bf16", "fp8")] == ["fp32", "fp32", "bf16", "fp8"]
+    assert Trainer(make_config(tmp_path, "train.precision=auto")).precision == "fp32"  # CI has no GPU
 
 
 # =========================================================================================

@@ -6,13 +6,18 @@ weights), ``exp_avg.fqn`` and ``exp_avg_sq.fqn`` (AdamW moments), plus ``ema.fqn
 an EMA is kept. Each rank contributes exactly the range it owns; the global sharding
 metadata is computed from the layout arithmetic, so no collective is needed to describe
 it, and DCP can read any range back under another layout.
+
+Devices: a shard's placement names the local tensor's own device, index included
+(``rank:3/cuda:3``, ``rank:0/cpu`` for the CPU-resident EMA): torch compares it with the
+tensor's device and ``cuda`` is not ``cuda:0``.  The EMA is this rank's master shard in host
+memory (pinned on CUDA, ``hai_llm.train.ema``), saved and loaded in place like the master
+weights: no collective touches it.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from hai_llm.parallel.comm import all_gather_single
 from hai_llm.parallel.zero import ShardPiece, global_layout, owned_pieces
 
 
@@ -21,16 +26,24 @@ def _sharded(local: torch.Tensor, piece: ShardPiece, layout: list[tuple[int, int
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
-    dev = local.device.type
+    # the full device, index included: ``Shard`` checks placement.device() == local.device,
+    # and torch.device("cuda") != torch.device("cuda:0").  Only this rank's entries are checked
+    # and DCP reads only offsets and sizes of the others, so they carry the same device string.
+    dev = str(local.device)
     me = dist.get_rank()
     shards_md = [ShardMetadata([lo], [hi - lo], f"rank:{r}/{dev}") for lo, hi, r in layout]
     md = ShardedTensorMetadata(shards_metadata=shards_md, size=torch.Size([piece.global_numel]),
                                tensor_properties=TensorProperties(dtype=local.dtype, layout=torch.strided,
                                                                   requires_grad=False,
                                                                   memory_format=torch.contiguous_format,
-                                                                  pin_memory=False))
+                                                                  pin_memory=_pinned(local)))
     shard = Shard(tensor=local, metadata=ShardMetadata([piece.global_lo], [local.numel()], f"rank:{me}/{dev}"))
     return ShardedTensor._init_from_local_shards_and_global_metadata([shard], md)
+
+
+def _pinned(t: torch.Tensor) -> bool:
+    """Whether ``t`` is in pinned host memory (torch checks it against the shard's properties)."""
+    return t.device.type == "cpu" and torch.cuda.is_available() and t.is_pinned()
 
 
 def dcp_state(zopt, ema=None) -> dict:
@@ -44,7 +57,7 @@ def dcp_state(zopt, ema=None) -> dict:
         for pc in owned_pieces(b):
             views = {k: t[pc.bucket_lo:pc.bucket_hi] for k, t in tensors.items()}
             if ema is not None:
-                views["ema"] = ema.shadow[pc.name].view(-1)[pc.param_lo:pc.param_hi]
+                views["ema"] = ema.piece(b, pc)  # the EMA of this rank's master shard (train/ema.py)
             for kind, v in views.items():
                 key = f"{kind}.{pc.name}"
                 if distributed:
@@ -59,20 +72,8 @@ def dcp_state(zopt, ema=None) -> dict:
 
 @torch.no_grad()
 def after_load(zopt, step: float, ema=None) -> None:
-    """Rebuild full parameters (and EMA copies) from the loaded owned ranges."""
+    """Rebuild full parameters from the loaded owned ranges. The EMA (``ema``) needs nothing:
+    it holds only this rank's master shard, which DCP loaded in place through ``dcp_state``'s
+    views."""
     zopt.set_step(step)
     zopt.broadcast_params()
-    if ema is None:
-        return
-    for b in zopt.buckets:
-        flat = torch.zeros(b.shard * b.world, dtype=torch.float32)
-        lo_me = b.rank * b.shard
-        mine = torch.zeros(b.shard, dtype=torch.float32)
-        for pc in owned_pieces(b):
-            mine[pc.bucket_lo:pc.bucket_hi] = ema.shadow[pc.name].view(-1)[pc.param_lo:pc.param_hi]
-        if b.spec.group is not None and b.world > 1:
-            all_gather_single(flat, mine, group=b.spec.group)
-        else:
-            flat[lo_me:lo_me + b.shard] = mine
-        for name, p, o in zip(b.names, b.params, b.offsets):
-            ema.shadow[name].view(-1).copy_(flat[o:o + p.numel()])

@@ -52,7 +52,8 @@ class TrainConfig:
     micro_batch: int = 4  # sequences per forward/backward on one rank
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 | fp8
+    # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp8; on CUDA fp32 matmuls may use TF32
+    precision: str = "auto"
     # "" = Hydra's output folder of this run (runs/<model>/<time>, or multirun/<time>/<job>
     # in a sweep); set it to an existing run folder to resume that run
     out_dir: str = ""
@@ -71,7 +72,9 @@ class ParallelConfig:
     dp: int = 1
     sp: int = 1
     ep: int = 1
-    gpus_per_node: int = 8
+    # ranks per node; 0 = auto: torchrun's LOCAL_WORLD_SIZE under torchrun (an explicit value
+    # must equal it there), else 8; set it for virtual nodes of simulated ranks
+    gpus_per_node: int = 0
     schedule: str = "1f1b"  # pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev (hai_llm.layout.schedules)
     n_micro: int = 0  # micro-batches per step per dp rank (0 = global_batch / dp / micro_batch)
     stage_layers: list[int] = field(default_factory=list)  # layers per stage; [] = balanced by cost
@@ -123,7 +126,8 @@ def validate_config(cfg: Config) -> None:
 
     need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     need(t.micro_batch >= 1, f"train.micro_batch must be >= 1, got {t.micro_batch}")
-    need(t.precision in ("fp32", "bf16", "fp8"), f"train.precision must be fp32 | bf16 | fp8, got '{t.precision}'")
+    need(t.precision in ("auto", "fp32", "bf16", "fp8"),
+         f"train.precision must be fp32 | bf16 | fp8, got '{t.precision}' (or auto: bf16 on CUDA, fp32 on CPU)")
     need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto | cpu | cuda, got '{t.device}'")
     need(o.schedule in ("constant", "cosine", "deepseek"),
          f"optim.schedule must be constant | cosine | deepseek, got '{o.schedule}'")

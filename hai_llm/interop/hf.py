@@ -1,9 +1,10 @@
 """Hugging Face / DeepSeek checkpoint interop: config mapping, one rename table, and streaming
 safetensors load/save.
 
-Why it exists: to start training from DeepSeek's released weights (or any ``DeepseekV3ForCausalLM``
-checkpoint), to hand trained weights to inference stacks that read the Hugging Face layout, and to
-test our model against an independent implementation (``tests/test_hf_interop.py``).
+Why it exists: to start training from DeepSeek's released weights (any ``DeepseekV3ForCausalLM`` or
+``DeepseekV2ForCausalLM`` checkpoint: V3, V2, V2-Lite; the config side is ``hf_config.py``), to hand
+trained weights to inference stacks that read the Hugging Face layout, and to test our model against
+an independent implementation (``tests/test_hf_interop.py``, ``tests/test_deepseek_v2.py``).
 
 Layouts handled:
 - routed experts: ours are stacked ``w1/w3 [E, I, D]``, ``w2 [E, D, I]``. transformers' module holds
@@ -31,11 +32,14 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hai_llm.model.args import ModelArgs
 from hai_llm.model.transformer import Transformer, build_model
+
+from .hf_config import (CheckpointMismatchError, args_from_hf_config, check_config_matches,  # noqa: F401
+                        hf_config_from_args)
+from .shards import SafetensorsReader, checkpoint_files, nonfinite_counts
 
 # ------------------------------------------------------------------------------ rename table
 # Top-level tensors, ours -> HF.
@@ -58,7 +62,8 @@ BLOCK = MappingProxyType({
     "ffn.w1.weight": "mlp.gate_proj.weight",
     "ffn.w3.weight": "mlp.up_proj.weight",
     "ffn.w2.weight": "mlp.down_proj.weight",
-    # router; our routing-only bias buffer is HF's e_score_correction_bias buffer
+    # router; our routing-only bias buffer is HF's e_score_correction_bias buffer (V3 only: the V2
+    # family has none, and our zero buffer is then neither read nor written)
     "ffn.gate.weight": "mlp.gate.weight",
     "ffn.gate.bias": "mlp.gate.e_score_correction_bias",
     "ffn.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
@@ -84,168 +89,8 @@ _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _OUR_LAYER = re.compile(r"(?:layers\.(\d+)|mtp\.(\d+))\.(block\.)?(.+)")
 _HF_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-# HF builds q_a_layernorm / kv_a_layernorm with this eps whatever rms_norm_eps says (as DeepSeek's
-# reference code does); our MLA uses norm_eps, so only norm_eps == 1e-6 converts exactly.
-_HF_LATENT_NORM_EPS = 1e-6
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model: missing/unexpected tensors, shapes or config."""
-
-
 def _short(keys: list[str], n: int = 12) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
-
-
-# ------------------------------------------------------------------------------------ config
-def _yarn_mscale(factor: float, m: float) -> float:  # HF's get_mscale: 1 without stretching
-    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
-
-
-def _need(ok: bool, msg: str) -> None:
-    if not ok:
-        raise CheckpointMismatchError(msg)
-
-
-def hf_config_from_args(args: ModelArgs):
-    """The transformers ``DeepseekV3Config`` computing exactly what ``args`` computes."""
-    from transformers import DeepseekV3Config
-
-    pre = f"model config '{args.name}' has no exact HF DeepseekV3 equivalent: "
-    _need(args.score_func == "sigmoid", pre + "HF's router always scores with sigmoid")
-    _need(args.norm_eps == _HF_LATENT_NORM_EPS,
-          pre + f"norm_eps={args.norm_eps}, but HF fixes eps=1e-6 in q_a_layernorm/kv_a_layernorm")
-    _need(args.n_moe_layers == 0 or args.n_routed_experts // args.n_expert_groups >= 2,
-          pre + "HF scores each expert group by its top-2 experts, so groups need >= 2 experts")
-    _need(not args.yarn_active or args.rope_factor >= 1, pre + f"rope_factor={args.rope_factor} < 1")
-    _need(not args.yarn_active or (args.beta_fast > 0 and args.beta_slow > 0),
-          pre + "HF replaces beta_fast/beta_slow = 0 by 32/1")
-    if args.yarn_active:
-        # HF multiplies cos/sin by attention_factor (mscale/mscale_all_dim, 1 here; we never scale
-        # cos/sin) and the softmax scale by yarn_mscale(factor, mscale_all_dim)^2 (ours: mscale^2).
-        rope = {"rope_type": "yarn", "rope_theta": float(args.rope_theta), "factor": float(args.rope_factor),
-                "original_max_position_embeddings": args.original_seq_len, "beta_fast": args.beta_fast,
-                "beta_slow": args.beta_slow, "mscale": float(args.mscale), "mscale_all_dim": float(args.mscale),
-                "attention_factor": 1.0}
-    else:
-        # HF's YaRN frequencies do not depend on max_position_embeddings: without stretching it must
-        # be plain RoPE, as ours is when max_seq_len <= original_seq_len
-        rope = {"rope_type": "default", "rope_theta": float(args.rope_theta)}
-    cfg = DeepseekV3Config(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.inter_dim,
-        moe_intermediate_size=args.moe_inter_dim, num_hidden_layers=args.n_layers,
-        first_k_dense_replace=args.n_dense_layers, num_attention_heads=args.n_heads,
-        num_key_value_heads=args.n_heads, n_routed_experts=args.n_routed_experts,
-        n_shared_experts=args.n_shared_experts, num_experts_per_tok=args.n_activated_experts,
-        n_group=args.n_expert_groups, topk_group=args.n_limited_groups,
-        routed_scaling_factor=float(args.route_scale), norm_topk_prob=True,
-        q_lora_rank=args.q_lora_rank or None, kv_lora_rank=args.kv_lora_rank,
-        qk_nope_head_dim=args.qk_nope_head_dim, qk_rope_head_dim=args.qk_rope_head_dim,
-        v_head_dim=args.v_head_dim, rms_norm_eps=args.norm_eps, rope_parameters=rope, rope_interleave=True,
-        max_position_embeddings=args.max_seq_len, num_nextn_predict_layers=args.n_mtp_layers,
-        initializer_range=args.init_std, hidden_act="silu", attention_bias=False, tie_word_embeddings=False,
-        pad_token_id=None,
-    )
-    cfg.architectures = ["DeepseekV3ForCausalLM"]
-    return cfg
-
-
-def args_from_hf_config(hf_config: Any, **overrides) -> ModelArgs:
-    """ModelArgs from a ``DeepseekV3Config``, a config.json dict, or a path to one (or its folder).
-
-    Raises CheckpointMismatchError for settings our model cannot reproduce exactly. ``overrides``
-    set training-only fields (name, recompute, mtp_lambda, ...) or replace mapped ones.
-    """
-    from transformers import DeepseekV3Config
-
-    if isinstance(hf_config, (str, os.PathLike)):
-        p = Path(hf_config)
-        hf_config = json.loads((p / "config.json" if p.is_dir() else p).read_text())
-    # from_dict also turns the legacy "rope_scaling" of DeepSeek's config.json into rope_parameters
-    cfg = DeepseekV3Config.from_dict(dict(hf_config)) if isinstance(hf_config, Mapping) else hf_config
-
-    def need(ok: bool, msg: str) -> None:
-        _need(ok, f"HF config cannot be represented by ModelArgs: {msg}")
-
-    get = lambda name, default=None: getattr(cfg, name, default)  # noqa: E731
-    need(get("hidden_act", "silu") == "silu", f"hidden_act={get('hidden_act')!r} (ours is SwiGLU)")
-    need(not get("attention_bias", False), "attention_bias=True (ours has no biases)")
-    need(not get("tie_word_embeddings", False), "tie_word_embeddings=True (ours keeps a separate head)")
-    need(get("norm_topk_prob", True), "norm_topk_prob=False (ours normalizes the top-k sigmoid weights)")
-    need(get("rope_interleave", True), "rope_interleave=False stores the rope dims in a different layout")
-    need(get("num_key_value_heads") in (None, cfg.num_attention_heads), "num_key_value_heads != num_attention_heads")
-    need(get("scoring_func", "sigmoid") == "sigmoid", f"scoring_func={get('scoring_func')!r}")
-    need(get("topk_method", "noaux_tc") == "noaux_tc", f"topk_method={get('topk_method')!r} (ours is noaux_tc)")
-    need(cfg.rms_norm_eps == _HF_LATENT_NORM_EPS,
-         f"rms_norm_eps={cfg.rms_norm_eps}: HF uses 1e-6 in the MLA latent norms, ours uses norm_eps everywhere")
-
-    rope = dict(get("rope_parameters") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    need(rope.get("partial_rotary_factor", 1.0) == 1.0, "partial_rotary_factor != 1")
-    max_pos = cfg.max_position_embeddings
-    fields: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", get("rope_theta", 10000.0))),
-                              "max_seq_len": max_pos}
-    if rope_type == "default":
-        fields["original_seq_len"] = max_pos  # YaRN off
-    elif rope_type == "yarn":
-        need("original_max_position_embeddings" in rope, "yarn without original_max_position_embeddings")
-        orig = rope["original_max_position_embeddings"]
-        factor = float(rope.get("factor") or max_pos / orig)
-        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
-        attn_factor = rope.get("attention_factor")
-        if attn_factor is None:
-            attn_factor = _yarn_mscale(factor, m) / _yarn_mscale(factor, m_all) if m and m_all \
-                else _yarn_mscale(factor, 1.0)
-        need(abs(attn_factor - 1.0) < 1e-12,
-             f"YaRN attention_factor={attn_factor} scales cos/sin; ours never does (needs mscale == mscale_all_dim)")
-        need(max_pos > orig, f"yarn with max_position_embeddings={max_pos} <= original {orig}: "
-                             "ours enables YaRN only when max_seq_len > original_seq_len")
-        need(factor >= 1, f"yarn factor={factor} < 1")
-        need(rope.get("truncate", True), "yarn truncate=False (ours rounds the correction range)")
-        fields.update(original_seq_len=orig, rope_factor=factor, beta_fast=rope.get("beta_fast") or 32,
-                      beta_slow=rope.get("beta_slow") or 1, mscale=float(m_all or 0.0))
-    else:
-        need(False, f"rope_type={rope_type!r} (only 'default' and 'yarn' are supported)")
-
-    n_mtp = get("num_nextn_predict_layers")
-    fields.update(
-        name=str(get("_name_or_path") or "deepseek_v3_hf"), vocab_size=cfg.vocab_size, dim=cfg.hidden_size,
-        inter_dim=cfg.intermediate_size, moe_inter_dim=cfg.moe_intermediate_size, n_layers=cfg.num_hidden_layers,
-        n_dense_layers=min(get("first_k_dense_replace") or 0, cfg.num_hidden_layers),
-        n_heads=cfg.num_attention_heads, n_routed_experts=cfg.n_routed_experts,
-        n_shared_experts=get("n_shared_experts") or 0, n_activated_experts=cfg.num_experts_per_tok,
-        n_expert_groups=get("n_group") or 1, n_limited_groups=get("topk_group") or 1, score_func="sigmoid",
-        route_scale=float(cfg.routed_scaling_factor), q_lora_rank=cfg.q_lora_rank or 0,
-        kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, norm_eps=float(cfg.rms_norm_eps),
-        init_std=float(get("initializer_range", 0.006)),
-        n_mtp_layers=int(n_mtp if n_mtp is not None else get("num_mtp_layers", 0) or 0),
-    )
-    fields.update(overrides)
-    return ModelArgs(**fields)
-
-
-def _math_fields(a: ModelArgs) -> dict[str, Any]:
-    """The ModelArgs fields that decide what a checkpoint computes (not training knobs, not the
-    rope table length, not the MTP depth: the key check reports that one)."""
-    out = {k: getattr(a, k) for k in (
-        "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads",
-        "n_routed_experts", "n_shared_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
-        "score_func", "route_scale", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-        "v_head_dim", "rope_theta", "norm_eps", "yarn_active")}
-    if a.yarn_active:
-        out.update({k: getattr(a, k) for k in ("original_seq_len", "rope_factor", "beta_fast", "beta_slow", "mscale")})
-    return out
-
-
-def check_config_matches(args: ModelArgs, hf_config: Any) -> None:
-    """Raise CheckpointMismatchError naming every field where the checkpoint's config.json
-    computes something different from ``args``."""
-    ours, theirs = _math_fields(args), _math_fields(args_from_hf_config(hf_config))
-    diff = [f"{k}: model {ours.get(k)!r} vs checkpoint {theirs.get(k)!r}"
-            for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
-    if diff:
-        raise CheckpointMismatchError("checkpoint config.json does not match the model: " + "; ".join(diff))
 
 
 # ------------------------------------------------------------------------- name resolution
@@ -276,7 +121,7 @@ def _resolve(key: str, args: ModelArgs) -> tuple[str, Any]:
         prefix = f"mtp.{j}.block."
     else:
         return "unknown", None
-    if local in _BLOCK_FROM_HF:
+    if local in _BLOCK_FROM_HF and (args.routing_bias or _BLOCK_FROM_HF[local] != "ffn.gate.bias"):
         return "pieces", [_Piece(prefix + _BLOCK_FROM_HF[local])]
     if local == FUSED_GATE_UP:
         I = args.moe_inter_dim
@@ -320,6 +165,8 @@ def _hf_outputs(named: Mapping[str, torch.Tensor], args: ModelArgs, expert_layou
         local, in_block = m[4], m[1] is not None or m[3] is not None
         if not in_block and local in MTP_EXTRA:
             add(hf + MTP_EXTRA[local], t)
+        elif in_block and local == "ffn.gate.bias" and not args.routing_bias:
+            continue  # V2 routing: no correction bias in the HF layout
         elif in_block and local in BLOCK:
             add(hf + BLOCK[local], t, keep_fp32=local == "ffn.gate.bias")
         elif in_block and local in EXPERT_STACKS and expert_layout == "per_expert":
@@ -341,6 +188,42 @@ def _hf_outputs(named: Mapping[str, torch.Tensor], args: ModelArgs, expert_layou
 
 
 # --------------------------------------------------------------------------- filling tensors
+def _hf_prefix(name: str, args: ModelArgs) -> tuple[str, str, bool] | None:
+    """(HF layer prefix, local name, inside a block) of our tensor ``name``, None for top level."""
+    m = _OUR_LAYER.fullmatch(name)
+    if m is None:
+        return None
+    hf = f"model.layers.{int(m[1]) if m[1] is not None else args.n_layers + int(m[2])}."
+    return hf, m[4], m[1] is not None or m[3] is not None
+
+
+def _describe_missing(name: str, args: ModelArgs, experts: list[int] | None = None, n_experts: int = 0) -> str:
+    """Our missing tensor with the HF key(s) that would fill it: for a stacked expert tensor the
+    missing expert indices and their per-expert keys (``experts``), or both layouts when no expert
+    at all was found (``experts=None``)."""
+    if name in TOP_LEVEL:
+        return f"{name} (HF '{TOP_LEVEL[name]}')"
+    hf, local, in_block = _hf_prefix(name, args) or ("", name, False)
+    if in_block and local in EXPERT_STACKS:
+        proj = EXPERT_STACKS[local]
+        fused = FUSED_DOWN if local == "ffn.experts.w2" else FUSED_GATE_UP
+        if experts is None:
+            return f"{name} (HF '{hf}{fused}' or '{hf}mlp.experts.{{0..{n_experts - 1}}}.{proj}.weight')"
+        keys = [f"'{hf}mlp.experts.{e}.{proj}.weight'" for e in experts]
+        return f"{name} experts {_short([str(e) for e in experts], 8)} (HF {_short(keys, 3)})"
+    if not in_block and local in MTP_EXTRA:
+        return f"{name} (HF '{hf}{MTP_EXTRA[local]}')"
+    if in_block and local in BLOCK:
+        return f"{name} (HF '{hf}{BLOCK[local]}')"
+    return name
+
+
+def _only_mtp_missing(missing: list[str], plan, shared) -> bool:
+    """Every missing tensor is an MTP one and the checkpoint has no MTP tensor at all."""
+    return all(n.startswith("mtp.") for n in missing) and not shared and \
+        not any(p.name.startswith("mtp.") for _, what in plan for p in what)
+
+
 @dataclass
 class LoadReport:
     """What a load did. With strict=True ``missing`` and ``unexpected`` are always empty."""
@@ -349,6 +232,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # our tensors not (fully) filled
     unexpected: list[str] = field(default_factory=list)  # checkpoint tensors with no place in the model
     shared_copies: list[str] = field(default_factory=list)  # MTP embed/head copies (verified or ignored)
+    nonfinite: dict[str, str] = field(default_factory=dict)  # checkpoint key -> "n NaN, m inf of N (file)"
 
 
 def _dequant_fp8(key: str, w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -389,7 +273,7 @@ def _fill(src, args: ModelArgs, dest: dict[str, torch.Tensor], shapes: Mapping[s
             report.unexpected.append(key)
             continue
         # (shape, is FP8) from the file header, or from the tensor of an in-memory dict
-        src_shape, is_fp8 = src.meta(key) if isinstance(src, _SafetensorsReader) else \
+        src_shape, is_fp8 = src.meta(key) if isinstance(src, SafetensorsReader) else \
             (tuple(src[key].shape), src[key].dtype in _FP8_DTYPES)
         if is_fp8 and key + "_scale_inv" not in src:
             raise CheckpointMismatchError(f"'{key}' is FP8 but the checkpoint has no '{key}_scale_inv'")
@@ -414,11 +298,27 @@ def _fill(src, args: ModelArgs, dest: dict[str, torch.Tensor], shapes: Mapping[s
                                               "checkpoint hold both fused and per-expert experts?")
             done.add(part)
         plan.append((key, what))
+    no_bias = [] if args.routing_bias else [n for n in shapes if n.endswith("ffn.gate.bias")]
+    described = []
     for name, shape in shapes.items():
         done = filled.get(name, set())
-        if "all" not in done and not (len(shape) == 3 and "experts" in name and done >= set(range(shape[0]))):
-            report.missing.append(name)
-    msg = [f"{len(report.missing)} model tensors not in the checkpoint: {_short(report.missing)}"] \
+        if name in no_bias or "all" in done:
+            continue
+        if len(shape) == 3 and "experts" in name:
+            absent = sorted(set(range(shape[0])) - done)
+            if not absent:
+                continue
+            described.append(_describe_missing(name, args, absent if done else None, shape[0]))
+        else:
+            described.append(_describe_missing(name, args))
+        report.missing.append(name)
+    if strict and report.missing and not report.unexpected and _only_mtp_missing(report.missing, plan, shared):
+        raise CheckpointMismatchError(
+            f"the model has n_mtp_layers={args.n_mtp_layers} but the checkpoint holds no MTP weights (HF layer "
+            f"model.layers.{args.n_layers}.*): Hugging Face's save_pretrained writes num_nextn_predict_layers=1 into "
+            "config.json without them. Load the main model only into a model built without MTP, e.g. "
+            "args_from_hf_config(path, n_mtp_layers=0) (strict=False would leave the MTP module randomly initialized)")
+    msg = [f"{len(report.missing)} model tensors not in the checkpoint: {_short(described)}"] \
         if report.missing else []
     msg += [f"{len(report.unexpected)} checkpoint tensors with no place in the model (n_layers={args.n_layers}, "
             f"n_mtp_layers={args.n_mtp_layers}): {_short(report.unexpected)}"] if report.unexpected else []
@@ -429,6 +329,10 @@ def _fill(src, args: ModelArgs, dest: dict[str, torch.Tensor], shapes: Mapping[s
         t = src[key]
         if key + "_scale_inv" in src:
             t = _dequant_fp8(key, t, src[key + "_scale_inv"], fp8_block)
+        nan, inf = nonfinite_counts(t)
+        if nan or inf:
+            where = f" in {src.file_of(key)}" if isinstance(src, SafetensorsReader) else ""
+            report.nonfinite[key] = f"{nan} NaN, {inf} inf of {t.numel()}{where}"
         for p in what:
             if allocate and p.name not in dest:
                 dest[p.name] = torch.empty(shapes[p.name], dtype=t.dtype)
@@ -437,6 +341,17 @@ def _fill(src, args: ModelArgs, dest: dict[str, torch.Tensor], shapes: Mapping[s
                 target.copy_(t if p.rows is None else t[:, p.rows])
         report.loaded += 1
         del t
+    for name in no_bias:  # V2 routing: the checkpoint's "no correction bias" is a zero bias
+        if allocate:
+            dest[name] = torch.zeros(shapes[name])
+        else:
+            with torch.no_grad():
+                dest[name].zero_()
+    if strict and report.nonfinite:
+        bad = [f"'{k}': {v}" for k, v in report.nonfinite.items()]
+        raise CheckpointMismatchError(
+            f"{len(bad)} checkpoint tensors hold non-finite values: {_short(bad)}; they are now in the model. "
+            "Re-download or repair those files (strict=False loads anyway and lists them in LoadReport.nonfinite)")
     report.shared_copies = [k for k, _ in shared]
     if mtp_shared_copies == "verify":
         for key, main in shared:
@@ -445,51 +360,6 @@ def _fill(src, args: ModelArgs, dest: dict[str, torch.Tensor], shapes: Mapping[s
                     f"'{key}' differs from the main model's {TOP_LEVEL[main]}: our MTP shares the embedding and "
                     "head physically (mtp_shared_copies='ignore' skips this check)")
     return report
-
-
-class _SafetensorsReader:
-    """Read-only view over the tensors of several memory-mapped .safetensors files; [] reads one tensor."""
-
-    def __init__(self, files: list[Path], stack: ExitStack):
-        self._where: dict[str, Any] = {}
-        for f in files:
-            handle = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-            for k in handle.keys():
-                if k in self._where:
-                    raise CheckpointMismatchError(f"tensor '{k}' is stored in two files (second: {f})")
-                self._where[k] = handle
-
-    def keys(self):
-        return self._where.keys()
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
-
-    def meta(self, key: str) -> tuple[tuple[int, ...], bool]:
-        sl = self._where[key].get_slice(key)
-        return tuple(sl.get_shape()), sl.get_dtype().startswith("F8")
-
-
-def _checkpoint_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [path / f for f in sorted(set(weight_map.values()))]
-        absent = [str(f) for f in files if not f.exists()]
-        if absent:
-            raise FileNotFoundError(f"{index} names shards that do not exist: {_short(absent)}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    return files
 
 
 def _ref_shapes(args: ModelArgs) -> dict[str, torch.Size]:
@@ -535,7 +405,7 @@ def load_hf_checkpoint(model: Transformer, path: str | os.PathLike, *, strict: b
     fp8_block: FP8 scale block size; default from config.json's quantization_config, else 128x128.
     """
     path = Path(path)
-    files = _checkpoint_files(path)
+    files, weight_map = checkpoint_files(path)
     config_json = (path if path.is_dir() else path.parent) / "config.json"
     raw_cfg = json.loads(config_json.read_text()) if config_json.exists() else {}
     if check_config and raw_cfg:
@@ -544,7 +414,7 @@ def load_hf_checkpoint(model: Transformer, path: str | os.PathLike, *, strict: b
         fp8_block = tuple((raw_cfg.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     dest = dict(model.state_dict(keep_vars=True))  # the live Parameters / buffers
     with ExitStack() as stack:
-        src = _SafetensorsReader(files, stack)
+        src = SafetensorsReader(files, stack, weight_map)
         report = _fill(src, model.args, dest, {k: v.shape for k, v in dest.items()}, allocate=False,
                        strict=strict, mtp_shared_copies=mtp_shared_copies, fp8_block=fp8_block)
     report.files = [str(f) for f in files]

@@ -11,12 +11,19 @@ All checks live in ``build_layout`` and raise one-line ``ValueError`` s that nam
 key and the fix. Value-only checks that need no layout (``train.steps >= 1``, a known
 precision...) stay in ``hai_llm.config.schema.validate_config``.
 
+The node size is decided here too (:func:`resolve_gpus_per_node`): ``parallel.gpus_per_node``
+0 means auto, i.e. torchrun's ``LOCAL_WORLD_SIZE`` under torchrun and nodes of
+``DEFAULT_GPUS_PER_NODE`` otherwise; under torchrun an explicit value must equal
+``LOCAL_WORLD_SIZE`` (one 8-GPU node taken for two nodes of 4 would make node-limited routing
+and the hierarchical transport wrong).
+
 Pure Python: nothing here imports torch (``ParallelDims.build_mesh`` imports it lazily).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Mapping, Optional
 
 from .dims import ParallelDims
 from .partition import partition_layers
@@ -26,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hai_llm.config.schema import Config
 
 TRANSPORTS = ("flat", "hierarchical")  # expert all-to-all implementations (parallel.transport)
+DEFAULT_GPUS_PER_NODE = 8  # an H800 server; the (virtual) node of non-torchrun runs under auto
 
 
 @dataclass(frozen=True)
@@ -114,13 +122,32 @@ def _degree(name: str, value) -> int:
     return value
 
 
+def resolve_gpus_per_node(value, environ: Optional[Mapping[str, str]] = None) -> int:
+    """The node size of the run from ``parallel.gpus_per_node`` (0 = auto) and the environment
+    (default ``os.environ``).  Under torchrun (``LOCAL_WORLD_SIZE`` set, ``HAI_LLM_SIMULATED``
+    unset) the node is what torchrun started on it: auto takes ``LOCAL_WORLD_SIZE`` and any
+    other explicit value is refused.  Elsewhere (simulated ranks, one process) auto is
+    ``DEFAULT_GPUS_PER_NODE`` and an explicit value makes virtual nodes of that size."""
+    env = os.environ if environ is None else environ
+    torchrun = "LOCAL_WORLD_SIZE" in env and not env.get("HAI_LLM_SIMULATED")
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise ValueError(f"parallel.gpus_per_node={value!r} must be an integer >= 1, or 0 for auto")
+    if not torchrun:
+        return value or DEFAULT_GPUS_PER_NODE
+    local = int(env["LOCAL_WORLD_SIZE"])
+    if value and value != local:
+        raise ValueError(f"parallel.gpus_per_node={value} but torchrun runs {local} ranks per node "
+                         f"(LOCAL_WORLD_SIZE={local}): set parallel.gpus_per_node=0 (auto) or {local}")
+    return local
+
+
 def build_layout(cfg: "Config", world_size: int) -> Layout:
     """The validated layout of ``cfg`` on ``world_size`` ranks (``ValueError`` naming the fix)."""
     p, t, m = cfg.parallel, cfg.train, cfg.model
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r} must be an integer >= 1")
     pp, dp, sp, ep = (_degree(k, getattr(p, k)) for k in ("pp", "dp", "sp", "ep"))
-    gpn = _degree("gpus_per_node", p.gpus_per_node)
+    gpn = resolve_gpus_per_node(p.gpus_per_node)
     if pp * dp * sp != world_size:
         fix = (f"change parallel.dp to {world_size // (pp * sp)}" if world_size % (pp * sp) == 0
                else "make the product equal the number of ranks")

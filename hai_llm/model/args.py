@@ -4,6 +4,12 @@ One dataclass, with DeepSeek's own field names (``inference/model.py`` ModelArgs
 their ``config_671B.json`` maps onto it key for key. It doubles as the Hydra schema of the
 ``model`` config group (see ``hai_llm.config.schema``), so a misspelt key fails at start-up.
 The defaults are the 671B model; ``configs/model/*.yaml`` override them.
+
+Routing covers two families: DeepSeek-V3 (``topk_method='noaux_tc'``: sigmoid scores, groups
+scored by their two best biased scores, a routing-only bias updated aux-loss-free, top-k weights
+normalized) and DeepSeek-V2 / V2-Lite (``'group_limited_greedy'`` / ``'greedy'``: softmax scores,
+groups scored by their best score, no bias, weights = scores * route_scale). See
+docs/checkpoints.md for the released checkpoints each setting reproduces.
 """
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ class ModelArgs:
     n_limited_groups: int = 4
     score_func: str = "sigmoid"
     route_scale: float = 2.5
+    # expert choice: "noaux_tc" (V3), "group_limited_greedy" (V2), "greedy" (V2-Lite: no groups)
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True  # divide the K chosen scores by their sum before route_scale
     # balancing: auxiliary-loss-free bias step and the complementary sequence-wise loss
     bias_update_speed: float = 0.001
     seq_aux_alpha: float = 1e-4
@@ -69,6 +78,12 @@ class ModelArgs:
         return self.n_layers - self.n_dense_layers
 
     @property
+    def routing_bias(self) -> bool:
+        """Whether routing has the aux-loss-free correction bias (V3's ``e_score_correction_bias``);
+        the V2 methods have none (the buffer then stays zero and is not part of HF checkpoints)."""
+        return self.topk_method == "noaux_tc"
+
+    @property
     def yarn_active(self) -> bool:
         return self.max_seq_len > self.original_seq_len
 
@@ -100,6 +115,10 @@ class ModelArgs:
         need(self.q_lora_rank >= 0, "q_lora_rank must be >= 0 (0 = plain wq)")
         need(self.score_func in ("sigmoid", "softmax"),
              f"score_func must be 'sigmoid' or 'softmax', got '{self.score_func}'")
+        need(self.topk_method in ("noaux_tc", "group_limited_greedy", "greedy"),
+             f"topk_method must be noaux_tc | group_limited_greedy | greedy, got '{self.topk_method}'")
+        need(self.routing_bias or self.bias_update_speed == 0,
+             f"topk_method='{self.topk_method}' has no routing bias (DeepSeek-V2 routing): set bias_update_speed=0")
         need(self.recompute in ("none", "selective", "full"),
              f"recompute must be none | selective | full, got '{self.recompute}'")
         need(self.n_mtp_layers >= 0, "n_mtp_layers must be >= 0")
@@ -112,9 +131,13 @@ class ModelArgs:
             need(1 <= self.n_limited_groups <= self.n_expert_groups,
                  f"n_limited_groups={self.n_limited_groups} must be in [1, n_expert_groups={self.n_expert_groups}]")
             per_group = self.n_routed_experts // self.n_expert_groups
-            if self.n_expert_groups > 1:
+            need(self.topk_method != "greedy" or self.n_expert_groups == 1,
+                 f"topk_method='greedy' ignores expert groups: set n_expert_groups=1 and n_limited_groups=1 "
+                 f"(or topk_method=group_limited_greedy), got n_expert_groups={self.n_expert_groups}")
+            if self.n_expert_groups > 1 and self.topk_method == "noaux_tc":
                 need(per_group >= 2 or self.n_activated_experts <= self.n_limited_groups,
                      "each expert group needs >= 2 experts (groups are scored by their top-2)")
+            if self.n_expert_groups > 1:
                 need(self.n_limited_groups * per_group >= self.n_activated_experts,
                      f"n_limited_groups={self.n_limited_groups} groups of {per_group} experts cannot "
                      f"hold n_activated_experts={self.n_activated_experts}")

@@ -1,6 +1,8 @@
 """DeepSeekMoE, single device: the sigmoid gate with group-limited routing and a
-routing-only bias, fine-grained routed experts run as one grouped GEMM, shared experts,
-the complementary sequence-wise balance loss and the auxiliary-loss-free bias update.
+routing-only bias (V3; the softmax gate of DeepSeek-V2 without bias as well), fine-grained
+routed experts run as one grouped GEMM (any sizes: operands zero-padded to the kernel's stride
+alignment), shared experts, the complementary sequence-wise balance loss and the
+auxiliary-loss-free bias update.
 
 Expert weights are stacked ([E, out, in] per projection) so that a grouped GEMM, FP8
 block quantization and expert parallelism (a slice along E) all see one tensor; the
@@ -24,7 +26,8 @@ from .layers import MLP
 
 
 class Gate(nn.Module):
-    """Router: scores = sigmoid(x W^T) in fp32; bias only for choosing experts."""
+    """Router: scores = sigmoid(x W^T) (V3) or softmax(x W^T) (V2) in fp32; the bias (V3 only,
+    zero otherwise) only for choosing experts."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -46,14 +49,16 @@ class Gate(nn.Module):
         choice = scores_TE.detach() + self.bias
         if self.n_groups > 1:
             grouped = choice.view(T, self.n_groups, E // self.n_groups)
-            # a group is worth the sum of its two best (biased) experts
-            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+            # a group is worth the sum of its two best (biased) experts (V3's noaux_tc) or its
+            # best expert (V2's group_limited_greedy: the max of the group's softmax scores)
+            best = 2 if self.args.topk_method == "noaux_tc" else 1
+            group_score = grouped.topk(min(best, grouped.shape[-1]), dim=-1).values.sum(-1)
             keep = group_score.topk(self.topk_groups, dim=-1).indices
             dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         idx = choice.topk(self.topk, dim=-1).indices
         weights = scores_TE.gather(1, idx)
-        if self.args.score_func == "sigmoid":
+        if self.args.norm_topk_prob:  # V3; V2 keeps the raw softmax scores (norm_topk_prob=False)
             weights = weights / weights.sum(-1, keepdim=True)
         return weights * self.args.route_scale, idx
 
@@ -80,6 +85,22 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+# torch's grouped-GEMM kernels (CPU and CUDA) need every stride of their operands to span a
+# multiple of 16 bytes: 4 fp32 or 8 bf16/fp16 elements
+_GROUPED_ALIGN_BYTES = 16
+
+
+def grouped_aligned(n: int, dtype: torch.dtype) -> int:
+    """``n`` rounded up to the grouped kernel's stride alignment for ``dtype``."""
+    per = max(1, _GROUPED_ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    return -(-n // per) * per
+
+
+def pad_columns(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` with zero columns appended to its last dimension up to ``n`` (itself if already n)."""
+    return t if t.shape[-1] == n else F.pad(t, (0, n - t.shape[-1]))
+
+
 def grouped_operands(x_RI: torch.Tensor, w_EOI: torch.Tensor):
     """``(x, w, kernel)``: the operands a grouped GEMM of ``x`` and ``w`` runs on, and torch's
     grouped-GEMM kernel for them (None: the zero-padded bmm path).
@@ -88,7 +109,12 @@ def grouped_operands(x_RI: torch.Tensor, w_EOI: torch.Tensor):
     apply to a matmul is applied here by hand: under CUDA autocast both operands go to the
     autocast dtype (the sm90 fast path needs bf16 inputs; fp32 operands would send it to a
     per-expert fallback). Outside autocast the dtypes are kept: fp32/bf16/fp16 use the grouped
-    kernel, anything else (fp64 references) the padded bmm."""
+    kernel, anything else (fp64 references) the padded bmm.
+
+    For the kernel, I and O are zero-padded to its 16-byte stride alignment (x -> [R, I'],
+    w -> [E, O', I']; a no-op for aligned sizes such as every power of two >= 8): the zero
+    columns of I add exact zeros to every dot product, and the O' - O extra outputs are dropped
+    by :func:`grouped_mm`, so any ``dim`` / ``moe_inter_dim`` gives the unpadded result."""
     dev = x_RI.device.type
     if dev == "cuda" and torch.is_autocast_enabled(dev):
         cast = torch.get_autocast_dtype(dev)
@@ -96,24 +122,29 @@ def grouped_operands(x_RI: torch.Tensor, w_EOI: torch.Tensor):
     kernel = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if kernel is None or x_RI.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
             or w_EOI.dtype != x_RI.dtype:
-        kernel = None
+        return x_RI, w_EOI, None
+    O, I = w_EOI.shape[1], w_EOI.shape[2]
+    Op, Ip = grouped_aligned(O, x_RI.dtype), grouped_aligned(I, x_RI.dtype)
+    if (Op, Ip) != (O, I):
+        x_RI, w_EOI = pad_columns(x_RI, Ip), F.pad(w_EOI, (0, Ip - I, 0, Op - O))
     return x_RI, w_EOI, kernel
 
 
 def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """y[r] = x[r] @ w[e(r)]^T for rows sorted by expert, ``counts`` rows per expert.
 
-    One grouped-GEMM kernel over ragged groups, no padding (see :func:`grouped_operands` for
-    dtypes); other dtypes scatter rows into a zero-padded [E, max_count, I] batch and use one
-    bmm (that path reads the largest count on the host: it serves fp64 references only).
+    One grouped-GEMM kernel over ragged groups (see :func:`grouped_operands` for dtypes and the
+    alignment padding); other dtypes scatter rows into a zero-padded [E, max_count, I] batch and
+    use one bmm (that path reads the largest count on the host: it serves fp64 references only).
     """
-    E = w_EOI.shape[0]
+    E, O = w_EOI.shape[0], w_EOI.shape[1]
     if x_RI.shape[0] == 0:
-        return x_RI.new_zeros(0, w_EOI.shape[1])
+        return x_RI.new_zeros(0, O)
     x_RI, w_EOI, kernel = grouped_operands(x_RI, w_EOI)
     if kernel is not None:
         offs = counts_E.cumsum(0).to(torch.int32)
-        return _ContiguousGrad.apply(kernel(x_RI, w_EOI.transpose(-2, -1), offs=offs))
+        y = kernel(x_RI, w_EOI.transpose(-2, -1), offs=offs)
+        return _ContiguousGrad.apply(y if y.shape[1] == O else y[:, :O])
     expert_of_row = torch.repeat_interleave(torch.arange(E, device=x_RI.device), counts_E)
     start = counts_E.cumsum(0) - counts_E
     pos = torch.arange(x_RI.shape[0], device=x_RI.device) - start[expert_of_row]
@@ -171,6 +202,8 @@ def sequence_balance_loss(scores_BSE: torch.Tensor, idx_BSK: torch.Tensor, n_exp
 
     f_i = E / (K S) * #tokens of the sequence routed to expert i (detached counts),
     P_i = mean over the sequence of s_i / sum_j s_j (unbiased scores, differentiable).
+    With softmax scores (DeepSeek-V2) sum_j s_j = 1 and this is V2's expert-level balance loss
+    with ``seq_aux`` (its P_i = mean of s_i), so one function serves both families.
 
     Under sequence parallelism each of ``world`` ranks holds S/world tokens of every
     sequence: the counts are summed over ranks by ``reducer`` (no gradient), and each rank

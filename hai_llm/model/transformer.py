@@ -9,6 +9,7 @@ depth k (1-based) reads the embeddings of tokens[k:S+k] and predicts tokens[k+1:
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from .args import ModelArgs
 from .attention import MLA
 from .layers import MLP, RMSNorm, Rope, maybe_recompute, rope_at, rope_cos_sin
-from .moe import MoE, MoEStats, pop_moe_stats, update_expert_bias
+from .moe import Gate, GroupedExperts, MoE, MoEStats, pop_moe_stats, update_expert_bias
 
 
 class Block(nn.Module):
@@ -72,8 +73,10 @@ class Block(nn.Module):
 
 
 class MTPModule(nn.Module):
-    """Depth-k MTP: h_k = Block(eh_proj([enorm(emb(t_{i+k})) ; hnorm(h_{k-1})])); logits
-    come from ``norm`` then the main model's shared head."""
+    """Depth-k MTP: h_k = Block(eh_proj([enorm(emb(t_{i+k})) ; hnorm(n_{k-1})])) with n_{k-1} the
+    normed state the previous head reads (the main model's final ``norm`` output for k = 1, depth
+    k-1's ``norm`` output otherwise: docs/deepseek_v3.md#mtp-input); logits come from ``norm`` then
+    the main model's shared head."""
 
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
@@ -84,7 +87,8 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
     def input_proj(self, h_BSD, emb_BSD):
-        """eh_proj([enorm(emb) ; hnorm(h)]): the block's input."""
+        """eh_proj([enorm(emb) ; hnorm(h)]): the block's input; ``h`` is the previous depth's normed
+        state (``Transformer.mtp_states``)."""
         # embedding first in the concat: DeepSeek's released weights and HF/vLLM use this order
         return self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
 
@@ -92,11 +96,11 @@ class MTPModule(nn.Module):
         return self.block(self.input_proj(h_BSD, emb_BSD), rope)
 
 
-def head_ce(norm: nn.Module, head: nn.Module, h_BSD: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (in fp32) of ``head(norm(h))`` against ``targets`` over every position:
-    the loss of the main model (its final norm) and of each MTP depth (that module's norm),
-    all through the shared output head."""
-    return F.cross_entropy(head(norm(h_BSD)).flatten(0, 1).float(), targets_BS.flatten())
+def logits_ce(head: nn.Module, hn_BSD: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (in fp32) of ``head(hn)`` against ``targets`` over every position, from a
+    normed state: the loss of the main model (after its final norm) and of each MTP depth (after
+    that module's norm), all through the shared output head."""
+    return F.cross_entropy(head(hn_BSD).flatten(0, 1).float(), targets_BS.flatten())
 
 
 @dataclass(frozen=True)
@@ -169,21 +173,13 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, init_std) for every matrix, ones for norms, zero routing bias; RoPE
-        tables recomputed (they are garbage after ``to_empty``)."""
-        gen_state = torch.random.get_rng_state()
-        if seed is not None:
-            torch.manual_seed(seed)
-        std = self.args.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-            elif isinstance(m, RMSNorm):
-                m.reset_parameters()
-            elif isinstance(m, MoE):
-                m.reset_parameters(std)
-        self.reset_buffers()
-        if seed is not None:
-            torch.random.set_rng_state(gen_state)
+        tables recomputed (they are garbage after ``materialize``). Each parameter's values are
+        a function of (seed, its name, expert row) only (:func:`init_parameters`), so every
+        layout's share of the model starts from the same weights. ``seed=None`` draws the seed
+        from the global generator."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        init_parameters(self, self.args, seed)
 
     def reset_buffers(self) -> None:
         cos, sin = rope_cos_sin(self.args, device=self.rope_cos.device)
@@ -201,14 +197,14 @@ class Transformer(nn.Module):
         """Embeddings of the tokens ``ahead`` places after positions ``pos_S`` of the window."""
         return self.embed(tokens_BT[:, pos_S + ahead])
 
-    def main_ce(self, h_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the main model's next-token prediction from its final hidden state."""
-        return head_ce(self.norm, self.head, h_BSD, tokens_BT[:, pos_S + 1])
+    def main_ce(self, hn_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the main model's next-token prediction from its normed final state."""
+        return logits_ce(self.head, hn_BSD, tokens_BT[:, pos_S + 1])
 
-    def mtp_ce(self, depth: int, h_BSD: torch.Tensor, tokens_BT: torch.Tensor,
+    def mtp_ce(self, depth: int, hn_BSD: torch.Tensor, tokens_BT: torch.Tensor,
                pos_S: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of MTP depth ``depth`` (1-based) from that module's output hidden state."""
-        return head_ce(self.mtp[depth - 1].norm, self.head, h_BSD, tokens_BT[:, pos_S + depth + 1])
+        """Cross-entropy of MTP depth ``depth`` (1-based) from that module's normed output state."""
+        return logits_ce(self.head, hn_BSD, tokens_BT[:, pos_S + depth + 1])
 
     def hidden(self, tokens_BS: torch.Tensor, pos_S: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (before ``norm``) of the main model. ``pos_S``: global
@@ -226,17 +222,23 @@ class Transformer(nn.Module):
         return self.head(self.norm(self.hidden(tokens_BS)))
 
     def mtp_hidden(self, h_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> list[torch.Tensor]:
-        """Normed hidden states of each MTP depth at positions ``pos_S``; depth k reads
-        the embedding of the token k places ahead (tokens_BT is the whole window)."""
-        return [self.mtp[k - 1].norm(h) for k, h in enumerate(self.mtp_states(h_BSD, tokens_BT, pos_S), start=1)]
+        """Normed hidden states of each MTP depth at positions ``pos_S`` from the main model's final
+        state ``h_BSD`` before its norm (as :meth:`hidden` returns it); depth k reads the embedding of
+        the token k places ahead (tokens_BT is the whole window)."""
+        return self.mtp_states(self.norm(h_BSD), tokens_BT, pos_S)
 
-    def mtp_states(self, h_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> list[torch.Tensor]:
-        """Output hidden states (before each module's ``norm``) of every MTP depth."""
+    def mtp_states(self, hn_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> list[torch.Tensor]:
+        """Normed output state of every MTP depth (each module's ``norm`` applied) from the main
+        model's normed final state ``hn_BSD``. Depth k reads the very tensor the previous head reads:
+        ``norm(h)`` for k = 1, depth k-1's normed output after that, as Hugging Face's ``MtpModel``
+        (``last_hidden_state``, then each layer's ``post_norm``) and Megatron-Core (decoder output
+        after ``final_layernorm``, then each MTP layer's ``final_layernorm``) do
+        (docs/deepseek_v3.md#mtp-input). One norm per state, shared by its head and the next depth."""
         rope = self.rope(pos_S)
         outs = []
         for k, mod in enumerate(self.mtp, start=1):
-            h_BSD = mod(h_BSD, self.embed_tokens(tokens_BT, pos_S, k), rope)
-            outs.append(h_BSD)
+            hn_BSD = mod.norm(mod(hn_BSD, self.embed_tokens(tokens_BT, pos_S, k), rope))
+            outs.append(hn_BSD)
         return outs
 
     def loss(self, tokens_BT: torch.Tensor, pos_S: torch.Tensor | None = None) -> LossOutput:
@@ -250,10 +252,10 @@ class Transformer(nn.Module):
                              f"with n_mtp_layers={D}")
         if pos_S is None:
             pos_S = torch.arange(S, device=tokens_BT.device)
-        h = self.hidden(tokens_BT[:, pos_S], pos_S)
-        ce = self.main_ce(h, tokens_BT, pos_S)
+        hn = self.norm(self.hidden(tokens_BT[:, pos_S], pos_S))  # read by the head and MTP depth 1
+        ce = self.main_ce(hn, tokens_BT, pos_S)
         mtp_terms = [self.mtp_ce(k, hk, tokens_BT, pos_S)
-                     for k, hk in enumerate(self.mtp_states(h, tokens_BT, pos_S), start=1)]
+                     for k, hk in enumerate(self.mtp_states(hn, tokens_BT, pos_S), start=1)]
         mtp = torch.stack(mtp_terms).mean() if mtp_terms else ce.new_zeros(())
         stats = self.pop_moe_stats()
         loss, balance = total_loss(ce, mtp, [s.balance_loss for s in stats], self.args.mtp_lambda)
@@ -288,9 +290,76 @@ def materialize(module: nn.Module, device: str | torch.device) -> nn.Module:
     return module
 
 
+def param_seed(seed: int, name: str, row: int | None = None) -> int:
+    """Seed of the generator of parameter ``name`` (its global name), or of row ``row`` (global
+    expert index) of a stacked expert weight: a stable 63-bit hash of (seed, name[, row]), the
+    same in every process and every Python run (no ``hash()``, which is salted per process)."""
+    key = f"{seed}/{name}" if row is None else f"{seed}/{name}/{row}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _normal_(t: torch.Tensor, std: float, seed: int) -> None:
+    # a generator of the tensor's own device: CPU and CUDA draw different numbers for one seed,
+    # but a given device always draws the same numbers for the same (seed, shape)
+    g = torch.Generator(device=t.device).manual_seed(seed)
+    t.normal_(0.0, std, generator=g)
+
+
+@torch.no_grad()
+def init_parameters(root: nn.Module, args: ModelArgs, seed: int) -> None:
+    """Initialise every parameter and buffer of ``root`` (a ``Transformer``, or any part of one
+    whose ``named_modules`` carry the full model's global names, e.g. a pipeline rank's
+    ``PipelineModel``) as a function of (seed, global name) alone:
+
+    * matrices (``nn.Linear``, ``nn.Embedding``, the router ``Gate``): Normal(0, init_std) from a
+      generator seeded by ``param_seed(seed, name)``;
+    * stacked routed experts [E, ...]: row r (global expert index ``ep_slice.offset + r`` on an
+      expert-parallel slice) from its own generator ``param_seed(seed, name, global row)``, so the
+      slice of EP rank k equals rows [k E/ep, (k+1) E/ep) of the single-process draw;
+    * norms: ones; routing bias: zeros; RoPE tables: recomputed.
+
+    Values therefore do not depend on the layout (stages, expert slices, which modules a rank
+    keeps, iteration order), only on the device type's generator. Every parameter must have
+    real storage (``materialize`` first)."""
+    std = args.init_std
+    done: set[int] = set()
+    for m in root.modules():  # the RoPE tables of a Transformer or a PipelineModel
+        if m._buffers.get("rope_cos") is not None:
+            cos, sin = rope_cos_sin(args, device=m.rope_cos.device)
+            m.rope_cos.copy_(cos)
+            m.rope_sin.copy_(sin)
+    for mname, m in root.named_modules():
+        prefix = f"{mname}." if mname else ""
+        own = dict(m.named_parameters(recurse=False))
+        if any(p.is_meta for p in own.values()):
+            raise ValueError(f"init_parameters: {prefix or 'the root module'} is on the meta device; "
+                             "materialize it first (hai_llm.model.transformer.materialize)")
+        if isinstance(m, GroupedExperts):
+            sl = getattr(m, "ep_slice", None)  # set by expert parallelism: a slice of global rows
+            first = sl.offset if sl is not None else 0
+            for pname, w in own.items():
+                for r in range(w.shape[0]):
+                    _normal_(w[r], std, param_seed(seed, prefix + pname, first + r))
+        elif isinstance(m, (nn.Linear, nn.Embedding, Gate)):
+            _normal_(m.weight, std, param_seed(seed, prefix + "weight"))
+            if isinstance(getattr(m, "bias", None), torch.Tensor):
+                m.bias.zero_()  # a Linear's bias, or the router's routing bias (a buffer)
+        elif isinstance(m, RMSNorm):
+            m.weight.fill_(1.0)
+        else:
+            continue  # a container: its parameters (none so far) are reported below
+        done.update(id(p) for p in own.values())
+    missed = [n for n, p in root.named_parameters() if id(p) not in done]
+    if missed:
+        raise ValueError(f"init_parameters: no initialisation rule for {missed[:3]}; add one for its module type")
+
+
 def build_model(args: ModelArgs, device: str | torch.device = "meta", seed: int | None = 0,
                 dtype: torch.dtype = torch.float32) -> Transformer:
-    """Build on the meta device; materialize on ``device`` and initialize unless it is meta."""
+    """Build on the meta device; materialize on ``device`` and initialize unless it is meta
+    (``init_weights``: layout-independent values, see :func:`init_parameters`). A parallel run
+    instead hands the meta model to ``hai_llm.runtime.parallelize``, which materializes and
+    initializes only what its rank keeps, with the same values."""
     with torch.device("meta"):
         model = Transformer(args)
     if str(device) == "meta":

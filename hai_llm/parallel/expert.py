@@ -19,10 +19,17 @@ the weights is the plain autograd of that product on the expert rank, which then
 with the dispatch's backward.  See ``hai_llm/parallel/transport.py`` for the canonical
 summation order.
 
+Host reads: a dispatch reads device memory on the host exactly once, in ``plan_end`` (all the
+sizes of its plan in one ``.tolist()``, see ``hai_llm/parallel/transport.py``).
+``dispatch_async`` only begins the plan (the count exchange goes out on its own communicator);
+``DispatchHandle.launch()`` ends it and issues the payload.  A pipeline calls ``launch`` once the
+other micro-batch's next backward piece is queued (``Tape.defer``), so the host never waits for
+that work; ``wait()`` launches a handle still pending, so plain callers need not know.
+
 Autograd: the dispatch and the combine are each a pair of ``autograd.Function``s, *start*
-(issues the asynchronous exchange) and *wait* (returns its result).  In backward the *wait* node
-issues the reverse exchange (dispatch <-> combine shaped) and the *start* node waits for it, so
-autograd can run independent work in between.  With ``fp8_dispatch`` the forward dispatch payload
+(issues the asynchronous exchange; for the dispatch: at launch) and *wait* (returns its
+result).  In backward the *wait* node issues the reverse exchange (dispatch <-> combine shaped)
+and the *start* node waits for it, so autograd can run independent work in between.  With ``fp8_dispatch`` the forward dispatch payload
 is FP8 (1x128 tiles, power-of-2 scales, dequantised on the receiver) while every backward exchange
 and the combine stay in the compute dtype (straight-through: the quantisation is treated as the
 identity for gradients).
@@ -45,27 +52,41 @@ from torch import nn
 
 from hai_llm.model.moe import GroupedExperts, MoE
 
-from .transport import LinkModel, Transport, _Plan, build_transport
+from .transport import LinkModel, PendingPlan, Transport, _Plan, build_transport
 
 EXPERT_PARAM_NAMES = ("w1", "w2", "w3")
 
 
 # ------------------------------------------------------------------------------ autograd
 class _Op:
-    """State shared by a start/wait pair: the plan, the in-flight handles."""
+    """State shared by a start/wait pair: the plan (or, for a dispatch not launched yet, the
+    pending plan and the payload to send), the in-flight handles."""
 
-    __slots__ = ("transport", "plan", "fp8", "fwd", "bwd")
+    __slots__ = ("transport", "plan", "fp8", "fwd", "bwd", "pending", "payload")
 
-    def __init__(self, transport: Transport, plan: _Plan, fp8: bool = False):
-        self.transport, self.plan, self.fp8 = transport, plan, fp8
-        self.fwd = self.bwd = None
+    def __init__(self, transport: Transport, plan: _Plan | None, fp8: bool = False,
+                 pending: PendingPlan | None = None):
+        self.transport, self.plan, self.fp8, self.pending = transport, plan, fp8, pending
+        self.fwd = self.bwd = self.payload = None
+
+    def launch(self) -> None:
+        """End the pending plan (the dispatch's one host read) and issue the payload exchange;
+        a no-op once launched."""
+        if self.pending is None:
+            return
+        with torch.no_grad():
+            self.plan = self.transport.plan_end(self.pending)
+            x_TD, w_slots = self.payload
+            self.fwd = self.transport.scatter_async(self.plan, x_TD, w_slots, quant_fp8=self.fp8,
+                                                    op="dispatch")
+        self.pending = self.payload = None
 
 
 class _DispatchStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op: _Op, x_TD, w_slots):
-        op.fwd = op.transport.scatter_async(op.plan, x_TD.detach(), w_slots.detach(),
-                                            quant_fp8=op.fp8, op="dispatch")
+        # the payload is issued by op.launch(), after the plan's sizes are read
+        op.payload = (x_TD.detach(), w_slots.detach())
         ctx.op = op
         return x_TD.new_empty(0)
 
@@ -80,6 +101,7 @@ class _DispatchStart(torch.autograd.Function):
 class _DispatchWait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op: _Op, token):
+        op.launch()
         rows, w_rows = op.fwd.wait()
         op.fwd = None
         ctx.op = op
@@ -141,7 +163,9 @@ class ExpertBatch:
 
 
 class DispatchHandle:
-    """In-flight dispatch; ``wait()`` -> :class:`ExpertBatch` (differentiable).
+    """A dispatch whose plan has begun; ``launch()`` ends the plan (its one host read) and
+    issues the payload, ``wait()`` -> :class:`ExpertBatch` (differentiable; launches first if
+    still pending).
 
     ``token`` is the autograd link between the issuing and the waiting side: an empty tensor
     whose backward waits for the reverse exchange. A caller that cuts its graph between the
@@ -154,11 +178,20 @@ class DispatchHandle:
 
     @property
     def comm(self):
+        """The payload's transport-level CommHandle (launches the dispatch if still pending)."""
+        self.launch()
         return self._op.fwd
 
     @property
     def token(self) -> torch.Tensor:
         return self._token
+
+    @property
+    def launched(self) -> bool:
+        return self._op.pending is None
+
+    def launch(self) -> None:
+        self._op.launch()
 
     def wait(self, token: torch.Tensor | None = None) -> ExpertBatch:
         if self._batch is None:
@@ -196,9 +229,10 @@ class ExpertParallelDispatcher:
     The three stages are public for a pipeline that overlaps them with another micro-batch:
     ``h = d.dispatch_async(x, w, idx)`` ... ``b = h.wait()``; ``y = d.compute(b, experts)``;
     ``c = d.combine_async(y, b)`` ... ``out = c.wait()``.  Calling the dispatcher does
-    dispatch_async + wait, compute, combine_async + wait.  The routing plan (counts and
-    metadata exchange) is built synchronously inside ``dispatch_async``; every rank of the EP
-    group must call these in the same order.
+    dispatch_async + wait, compute, combine_async + wait.  ``dispatch_async`` begins the plan
+    (count exchange issued, nothing read on the host); ``h.launch()`` (or ``h.wait()``) ends it
+    with the dispatch's single host read and issues the payload.  Every rank of the EP group
+    must begin, launch, wait and combine in the same order.
     """
 
     def __init__(self, transport: Transport, n_experts: int, fp8_dispatch: bool = False):
@@ -209,8 +243,8 @@ class ExpertParallelDispatcher:
         self.fp8_dispatch = fp8_dispatch
 
     def dispatch_async(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> DispatchHandle:
-        plan = self.transport.plan(idx_TK, self.n_experts)
-        op = _Op(self.transport, plan, self.fp8_dispatch)
+        pending = self.transport.plan_begin(idx_TK, self.n_experts)
+        op = _Op(self.transport, None, self.fp8_dispatch, pending)
         w_slots = weights_TK.reshape(-1, 1).float()
         token = _DispatchStart.apply(op, x_TD, w_slots)
         return DispatchHandle(op, token, x_TD.dtype)
@@ -277,7 +311,7 @@ def _resolve(groups, ep_rank, ep_size, gpus_per_node, all_ep_ranks):
 def apply_expert_parallel(model: nn.Module, groups=None, ep_rank: int | None = None,
                           ep_size: int | None = None, *, transport: str | Transport = "flat",
                           gpus_per_node: int | None = None, all_ep_ranks=None,
-                          link: LinkModel | None = None, use_triton: bool = False,
+                          link: LinkModel | None = None, use_triton: bool | None = None,
                           fp8_dispatch: bool = False) -> Transport:
     """Shard the routed experts of every MoE layer over the EP group and install the dispatcher.
 
@@ -285,8 +319,10 @@ def apply_expert_parallel(model: nn.Module, groups=None, ep_rank: int | None = N
     groups) or a process group (None = the world).  ``ep_rank``/``ep_size`` are checked against
     it when given.  ``transport``: "flat", "hierarchical" or a ready :class:`Transport` (shared by
     all layers).  ``gpus_per_node`` defines (virtual) nodes: global rank // gpus_per_node;
-    default the mesh's value, or the whole EP group on one node.  Collective: every rank of the
-    world must call it (the hierarchical transport creates process groups).  Build optimizers
+    default the mesh's value, or the whole EP group on one node.  ``use_triton``: None = the
+    Triton kernels for CUDA tensors and the torch references otherwise (True/False force one).
+    Collective: every rank of the world must call it (a transport creates process groups: count
+    communicators, and the hierarchical stage groups).  Build optimizers
     AFTER this call (the expert parameters are new tensors).  Returns the transport (its
     ``stats`` hold the traffic counters).
     """
@@ -304,8 +340,8 @@ def apply_expert_parallel(model: nn.Module, groups=None, ep_rank: int | None = N
         if getattr(ex, "ep_slice", None) is not None:
             raise ValueError("apply_expert_parallel was already applied to this model")
         E = ex.n_experts
-        if ex.w1.is_meta:
-            raise ValueError("materialise and initialise the model before apply_expert_parallel")
+        # on the meta device the slice is a meta tensor of the local shape: parallelize then
+        # materialises and initialises only these rows (by global row, from ep_slice.offset)
         if E % P:
             raise ValueError(f"n_routed_experts={E} is not divisible by ep={P}")
         El = E // P

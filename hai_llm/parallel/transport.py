@@ -23,27 +23,46 @@ the source rank and computes the same two levels there.  Expert batches are sort
 canonical order on the receiver, so expert outputs, partial sums and therefore the whole forward
 and backward are bit-identical between the two transports.
 
-Counts (and, for the hierarchical transport, a few int64 metadata columns per row) are exchanged
-synchronously when the plan is built; payloads move with ``async_op=True`` and ``wait()`` on the
-returned :class:`CommHandle` yields the result.  Every payload exchange is recorded in
-:class:`CommStats` (bytes within and across nodes, token copies) and, with a :class:`LinkModel`,
-``wait()`` does not return before the modeled transfer time since the issue has elapsed.
+Plans are built in two phases so that a dispatch costs the host ONE read of device memory,
+placed where it does not stall an overlapped pipeline (docs/expert_parallel.md, "Two-phase plan"):
+
+* ``plan_begin(idx_TK, n_experts)`` computes this rank's send order on the device and ISSUES the
+  count exchange asynchronously on the transport's COUNT communicators (a second process group
+  over the same ranks as each payload group, so a count exchange never queues behind a payload
+  already in flight); nothing is read on the host.
+* ``plan_end(pending)`` gathers every data-dependent size of the plan (split lists, number of
+  (node, token) copies, forwarded rows) into one small int64 tensor, reads it with a single
+  ``.tolist()`` and builds the rest on the device with those sizes known (no ``unique``,
+  ``nonzero``, ``bincount``, boolean masks or ``repeat_interleave`` without ``output_size``).
+  The hierarchical plan's metadata rows (3 int64 per row and stage) also travel on the count
+  communicators.  On CUDA the sizes are assembled and copied to pinned host memory on a side
+  stream that waits only for the count exchange, so the read does not wait for queued compute.
+
+``plan(idx_TK, n_experts)`` is both phases back to back.  Payloads move with ``async_op=True`` and
+``wait()`` on the returned :class:`CommHandle` yields the result.  Every payload exchange is
+recorded in :class:`CommStats` (bytes within and across nodes, token copies) and, with a
+:class:`LinkModel`, ``wait()`` does not return before the modeled transfer time since the issue
+has elapsed.  Token gathers and sums use the Triton kernels for CUDA tensors and the torch
+references otherwise (``use_triton`` True/False forces one).  Value checks that cost a host read
+(expert ids in range) run only with ``HAI_LLM_DEBUG_CHECKS=1`` (``hai_llm.kernels.policy``).
 """
 from __future__ import annotations
 
 import abc
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Generator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Generator, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from hai_llm.kernels.moe_permute import dequantize_ref, permute, routing_to_send_order, unpermute_combine
+from hai_llm.kernels.policy import debug_checks, resolve_use_triton
 from hai_llm.layout.layout import TRANSPORTS
 
-FP8_BLOCK = 128  # 1x128 activation tiles, one power-of-2 scale each (REFERENCE.md sec. 3)
+FP8_BLOCK = 128  # 1x128 activation tiles, one power-of-2 scale each (docs/deepseek_v3.md#fp8-recipe)
 _TOKEN_BITS = 32  # canonical key = ((local_expert * ep + src_rank) << 32) + src_token
 LOCAL, INTRA, INTER = "local", "intra", "inter"
 
@@ -54,7 +73,7 @@ class LinkModel:
     """Emulated links for simulated ranks.
 
     ``intra_gbps`` / ``inter_gbps`` are per-GPU bandwidths in GB/s (1e9 bytes/s): NVLink ~160,
-    InfiniBand ~50 on H800 (REFERENCE.md sec. 1).  One exchange stage costs
+    InfiniBand ~50 on H800 (docs/deepseek_v3.md#cluster-and-layout).  One exchange stage costs
     ``latency + max(intra_bytes / intra_bw, inter_bytes / inter_bw)`` (both links run
     concurrently), where the bytes of a class are max(sent, received) by this rank; a dispatch or
     combine costs the sum of its stages (flat: 1, hierarchical: 2, not chunk-pipelined).
@@ -122,13 +141,15 @@ class CommStats:
 @dataclass
 class _Group:
     """A communicator of the transport: ``members`` are EP ranks in group order, ``kinds``
-    says how each member is reached from this rank.  ``pg is None`` for a one-member group
-    (the exchange is a local copy)."""
+    says how each member is reached from this rank.  ``pg`` carries payloads, ``count_pg`` (a
+    second group over the same ranks) the plan's counts and metadata.  Both are None for a
+    one-member group (the exchange is a local copy)."""
 
     pg: Any
     members: list[int]
     index: int
     kinds: list[str]
+    count_pg: Any = None
 
 
 def _pack(parts: Sequence[torch.Tensor]):
@@ -157,6 +178,36 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
+def _count(index: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [n]: sum of ``weights`` (default 1) per value of ``index`` in [0, n).  A
+    ``scatter_add_`` into a fixed-size buffer: ``bincount`` would read the maximum on the host."""
+    w = torch.ones_like(index, dtype=torch.long) if weights is None else weights.long()
+    return torch.zeros(n, dtype=torch.long, device=index.device).scatter_add_(0, index.long(), w)
+
+
+def _runs(sorted_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``unique(..., return_inverse=True)`` of ascending keys without its host read: (run index
+    of each key [n], first-of-its-run flags [n]).  The number of runs is ``first.sum()``, read
+    with the plan's other sizes; the unique keys are then ``_run_values``."""
+    first = torch.ones_like(sorted_keys, dtype=torch.bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return torch.cumsum(first, 0) - 1, first
+
+
+def _run_values(keys: torch.Tensor, run: torch.Tensor, n_runs: int) -> torch.Tensor:
+    """[n_runs] the key of each run (every key of a run is equal, so the scatter is exact)."""
+    return keys.new_empty(n_runs).scatter_(0, run, keys)
+
+
+def _check_expert_ids(idx_TK: torch.Tensor, n_experts: int) -> None:
+    """Expert ids in [0, n_experts): a host read, so only under HAI_LLM_DEBUG_CHECKS=1."""
+    if idx_TK.numel() and debug_checks():
+        lo, hi = (int(v) for v in torch.aminmax(idx_TK))
+        if lo < 0 or hi >= n_experts:
+            raise ValueError(f"expert ids must lie in [0, {n_experts}), got [{lo}, {hi}]: the router "
+                             "produced ids outside model.n_routed_experts")
+
+
 class _Stage:
     """Exchanges issued together; their bytes price one link-model stage."""
 
@@ -168,7 +219,8 @@ class _Stage:
         self.copies = {LOCAL: 0, INTRA: 0, INTER: 0}
 
     def a2a(self, group: _Group, send: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-            copies: bool = False) -> torch.Tensor:
+            copies: bool = False, plan: bool = False) -> torch.Tensor:
+        """Issue one all_to_all_single (``plan``: on the group's count communicator)."""
         recv = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
         row_bytes = math.prod(send.shape[1:]) * send.element_size()
         for j, kind in enumerate(group.kinds):
@@ -176,11 +228,12 @@ class _Stage:
             self.recv[kind] += recv_splits[j] * row_bytes
             if copies:
                 self.copies[kind] += send_splits[j]
-        if group.pg is None:
+        pg = group.count_pg if plan else group.pg
+        if pg is None:
             recv.copy_(send)
         else:
             self.works.append(dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits,
-                                                     group=group.pg, async_op=True))
+                                                     group=pg, async_op=True))
         return recv
 
     def close(self) -> float:
@@ -264,11 +317,10 @@ class _Plan:
 
     def remote_nodes_per_token(self) -> torch.Tensor:
         """[T] number of OTHER nodes each token has experts on."""
-        remote = self.copy_node != self.my_node
-        return torch.bincount(self.copy_token[remote], minlength=self.n_tokens)
+        return _count(self.copy_token, self.n_tokens, self.copy_node != self.my_node)
 
     def nodes_per_token(self) -> torch.Tensor:
-        return torch.bincount(self.copy_token, minlength=self.n_tokens)
+        return _count(self.copy_token, self.n_tokens)
 
 
 @dataclass
@@ -281,8 +333,7 @@ class FlatPlan(_Plan):
     row_node: torch.Tensor  # [R] node of each send row's expert
 
     def inter_copies_per_token(self) -> torch.Tensor:
-        remote = self.row_node != self.my_node
-        return torch.bincount(self.send_token[remote], minlength=self.n_tokens)
+        return _count(self.send_token, self.n_tokens, self.row_node != self.my_node)
 
 
 @dataclass
@@ -304,19 +355,38 @@ class HierPlan(_Plan):
         return self.remote_nodes_per_token()
 
 
+@dataclass
+class PendingPlan:
+    """A plan between ``plan_begin`` and ``plan_end``: this rank's send order as device tensors
+    (``local``, transport-specific) and the count exchange in flight (``works``).  On CUDA the
+    sizes are already queued for the host: ``host`` (pinned) is valid once ``event`` fired."""
+
+    n_tokens: int
+    topk: int
+    n_experts: int
+    experts_per_rank: int
+    device: torch.device
+    local: dict[str, Any]
+    works: list[Any] = field(default_factory=list)
+    host: torch.Tensor | None = None
+    event: Any = None
+    ended: bool = False
+
+
 # ------------------------------------------------------------------------------ transports
 class Transport(abc.ABC):
     """Common part: EP layout, node map, stats, link model, token gather/combine primitives.
 
     ``ep_ranks``: global ranks of this rank's EP group in EP order.  EP rank ``p`` hosts experts
     ``[p * E/ep, (p+1) * E/ep)``; its node is ``global_rank // gpus_per_node`` (virtual nodes for
-    simulated ranks), renumbered 0.. in EP order.
+    simulated ranks), renumbered 0.. in EP order.  ``use_triton``: None (default) = the Triton
+    kernels for CUDA tensors, the torch references otherwise; True / False force one.
     """
 
     kind = "base"
 
     def __init__(self, ep_group, ep_ranks: Sequence[int], gpus_per_node: int,
-                 link: LinkModel | None = None, use_triton: bool = False):
+                 link: LinkModel | None = None, use_triton: bool | None = None):
         if not dist.is_initialized():
             raise RuntimeError("expert-parallel transports need torch.distributed initialised")
         if gpus_per_node < 1:
@@ -337,40 +407,97 @@ class Transport(abc.ABC):
         self.link = link
         self.use_triton = use_triton
         self.stats = CommStats()
+        self._side_streams: dict[torch.device, Any] = {}  # CUDA: the count stream per device
 
     def _kinds(self, members: Sequence[int]) -> list[str]:
         return [LOCAL if m == self.ep_rank else INTRA if self.node_of_rank[m] == self.node else INTER
                 for m in members]
 
-    # -- synchronous small exchanges (plan building) --------------------------------------
-    def _a2a_sync(self, group: _Group, send: torch.Tensor, send_splits=None, recv_splits=None):
-        if send_splits is None:  # equal splits along dim 0
+    @staticmethod
+    def _count_pg(ranks: Sequence[int]):
+        """A count communicator over ``ranks`` (None for one rank).  ``dist.new_group``: every
+        rank of the world calls it, for every group, in the same order."""
+        return dist.new_group(list(ranks)) if len(ranks) > 1 else None
+
+    # -- plan exchanges (counts, metadata) on the count communicators -----------------------
+    def _exchange(self, group: _Group, send: torch.Tensor, send_splits=None, recv_splits=None):
+        """All-to-all of int64 plan rows on ``group``'s count communicator, asynchronous:
+        (recv, works).  Equal splits along dim 0 when none are given; bytes go to ``meta``."""
+        if send_splits is None:
             n = send.shape[0] // len(group.members)
             send_splits = recv_splits = [n] * len(group.members)
         st = _Stage(self, "meta")
-        recv = st.a2a(group, send.contiguous(), list(send_splits), list(recv_splits))
-        st.wait()
+        recv = st.a2a(group, send.contiguous(), list(send_splits), list(recv_splits), plan=True)
         self.stats.add("meta", intra_bytes=st.sent[INTRA], inter_bytes=st.sent[INTER],
                        local_bytes=st.sent[LOCAL])
-        return recv
+        return recv, st.works
+
+    @staticmethod
+    def _wait_all(works) -> None:
+        for w in works:
+            w.wait()
+
+    @contextmanager
+    def _count_stream(self, device: torch.device) -> Iterator[None]:
+        """Where ``plan_begin`` waits for its count exchanges.  CUDA: a side stream (one per
+        device) that first waits for the compute stream's queue so far (the routing it reads),
+        so waiting for the counts holds up neither the host nor the compute stream.  Elsewhere
+        nothing: a gloo wait blocks this thread, and the sizes are built in ``plan_end``."""
+        if device.type != "cuda":
+            yield
+            return
+        side = self._side_streams.get(device)
+        if side is None:
+            side = self._side_streams[device] = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            yield
+
+    def _queue_sizes(self, pend: PendingPlan) -> None:
+        """Inside ``_count_stream``: on CUDA, once the counts land, build the sizes and copy them
+        to pinned host memory (``pend.event`` marks the copy done); elsewhere nothing."""
+        if pend.device.type != "cuda":
+            return
+        self._wait_all(pend.works)  # the side stream waits, not the host
+        sizes = self._sizes(pend)
+        pend.host = torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True)
+        pend.host.copy_(sizes, non_blocking=True)
+        pend.event = torch.cuda.Event()
+        pend.event.record()
+
+    def _read_sizes(self, pend: PendingPlan) -> list[int]:
+        """THE host read of a dispatch: every data-dependent size of the plan, one ``.tolist()``."""
+        if pend.ended:
+            raise RuntimeError("plan_end was already called for this pending plan")
+        pend.ended = True
+        if pend.event is not None:
+            pend.event.synchronize()
+            torch.cuda.current_stream(pend.device).wait_event(pend.event)
+            return pend.host.tolist()
+        self._wait_all(pend.works)
+        return self._sizes(pend).tolist()
 
     # -- local data movement (Triton or torch reference) ----------------------------------
+    def _triton(self, t: torch.Tensor) -> bool:
+        """Triton for CUDA tensors, the torch reference otherwise, unless use_triton was given."""
+        return resolve_use_triton(self.use_triton, t)
+
     def _gather_tokens(self, x_TD: torch.Tensor, index: torch.Tensor, quant_fp8: bool) -> list[torch.Tensor]:
         """Rows x[index] in send order; with quant_fp8 the FP8 bytes plus per-tile scales."""
         if quant_fp8:
-            q, scales = permute(x_TD, index, quant_fp8=True, block=FP8_BLOCK, use_triton=self.use_triton)
+            q, scales = permute(x_TD, index, quant_fp8=True, block=FP8_BLOCK, use_triton=self._triton(x_TD))
             return [q, scales]
-        return [permute(x_TD, index, use_triton=self.use_triton)]
+        return [permute(x_TD, index, use_triton=self._triton(x_TD))]
 
     def _rows(self, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if t.dtype in (torch.float32, torch.bfloat16, torch.float16) and t.dim() == 2 and t.shape[1] > 0:
-            return permute(t, index, use_triton=self.use_triton)
+            return permute(t, index, use_triton=self._triton(t))
         return t[index]
 
     def _sum_rows(self, y: torch.Tensor, dst: torch.Tensor, n_out: int) -> torch.Tensor:
         """out[i] = 0 + sum of rows r with dst[r] == i in ascending r (fp32, rounded to y's dtype)."""
         ones = torch.ones(y.shape[0], dtype=torch.float32, device=y.device)
-        return unpermute_combine(y, dst, ones, n_out, use_triton=self.use_triton)
+        return unpermute_combine(y, dst, ones, n_out, use_triton=self._triton(y))
 
     @staticmethod
     def _finish_rows(parts: list[torch.Tensor], perm: torch.Tensor, dtype: torch.dtype,
@@ -385,9 +512,44 @@ class Transport(abc.ABC):
         return rows, (rest[0] if has_aux else None)
 
     # -- public API ----------------------------------------------------------------------
-    @abc.abstractmethod
+    def plan_begin(self, idx_TK: torch.Tensor, n_experts: int) -> PendingPlan:
+        """Phase 1 (no host read): this rank's send order on the device; the count exchange is
+        issued asynchronously on the count communicator(s).  Collective: every EP rank calls
+        plan_begin / plan_end in the same order."""
+        if not isinstance(idx_TK, torch.Tensor) or idx_TK.dim() != 2:
+            raise ValueError(f"idx_TK must be a [tokens, k] tensor of expert ids, got "
+                             f"{getattr(idx_TK, 'shape', type(idx_TK))}")
+        if n_experts % self.ep_size:
+            raise ValueError(f"n_experts={n_experts} is not divisible by the EP size {self.ep_size}")
+        _check_expert_ids(idx_TK, n_experts)
+        T, K = idx_TK.shape
+        pend = PendingPlan(T, K, n_experts, n_experts // self.ep_size, idx_TK.device, {})
+        with self._count_stream(idx_TK.device):
+            self._begin(pend, idx_TK)
+            self._queue_sizes(pend)
+        return pend
+
+    def plan_end(self, pend: PendingPlan) -> _Plan:
+        """Phase 2: waits for the counts, reads all sizes with ONE ``.tolist()`` and builds the
+        send/receive layout on the device (hierarchical: also exchanges the metadata rows)."""
+        return self._end(pend, self._read_sizes(pend))
+
     def plan(self, idx_TK: torch.Tensor, n_experts: int) -> _Plan:
-        """Exchange counts and build the send/receive layout of one routing decision."""
+        """Both phases back to back: the send/receive layout of one routing decision."""
+        return self.plan_end(self.plan_begin(idx_TK, n_experts))
+
+    @abc.abstractmethod
+    def _begin(self, pend: PendingPlan, idx_TK: torch.Tensor) -> None:
+        """Fill ``pend.local`` from the routing [T, K] and issue the count exchange(s)
+        into ``pend.works`` (runs inside ``_count_stream``)."""
+
+    @abc.abstractmethod
+    def _sizes(self, pend: PendingPlan) -> torch.Tensor:
+        """The int64 [n] of every data-dependent size, once the counts have landed."""
+
+    @abc.abstractmethod
+    def _end(self, pend: PendingPlan, sizes: list[int]) -> _Plan:
+        """The plan from ``pend`` and the sizes read on the host."""
 
     def scatter_async(self, plan: _Plan, x_TD: torch.Tensor, slot_aux: torch.Tensor | None = None,
                       quant_fp8: bool = False, op: str = "dispatch") -> CommHandle:
@@ -420,36 +582,67 @@ class FlatTransport(Transport):
 
     kind = "flat"
 
-    def __init__(self, ep_group, ep_ranks, gpus_per_node, link=None, use_triton=False):
+    def __init__(self, ep_group, ep_ranks, gpus_per_node, link=None, use_triton=None,
+                 all_ep_ranks: Sequence[Sequence[int]] | None = None):
+        """``all_ep_ranks``: every EP group of the world (default: the world cut into contiguous
+        EP-sized blocks, the ``ParallelDims`` layout); a count communicator is created for each,
+        in that order, on every rank, so the constructor is collective over the world."""
         super().__init__(ep_group, ep_ranks, gpus_per_node, link, use_triton)
         members = list(range(self.ep_size))
         pg = None if self.ep_size == 1 else (ep_group if ep_group is not None else dist.group.WORLD)
-        self.group = _Group(pg, members, self.ep_rank, self._kinds(members))
+        groups = _all_groups(self.ep_ranks, all_ep_ranks)
+        count_pg = None
+        for g in groups:  # identical order on every rank
+            cpg = self._count_pg(g)
+            if g == self.ep_ranks:
+                count_pg = cpg
+        self.group = _Group(pg, members, self.ep_rank, self._kinds(members), count_pg)
+        self._node_maps: dict[torch.device, torch.Tensor] = {}
 
-    def plan(self, idx_TK: torch.Tensor, n_experts: int) -> FlatPlan:
-        P = self.ep_size
-        if n_experts % P:
-            raise ValueError(f"n_experts={n_experts} is not divisible by the EP size {P}")
-        El = n_experts // P
-        T, K = idx_TK.shape
-        dev = idx_TK.device
-        so = routing_to_send_order(idx_TK, n_experts, El)
-        recv_counts = self._a2a_sync(self.group, so.expert_counts.view(P, El)).view(P, El)
-        send_splits = so.rank_counts.tolist()
-        recv_splits = recv_counts.sum(1).tolist()
+    def _node_map(self, device: torch.device) -> torch.Tensor:
+        """node_of_rank on ``device`` (cached; a non-blocking copy, no stream synchronisation)."""
+        m = self._node_maps.get(device)
+        if m is None:
+            m = self._node_maps[device] = torch.tensor(self.node_of_rank, device="cpu").to(device, non_blocking=True)
+        return m
+
+    def _begin(self, pend: PendingPlan, idx_TK: torch.Tensor) -> None:
+        P, El, T = self.ep_size, pend.experts_per_rank, pend.n_tokens
+        so = routing_to_send_order(idx_TK, pend.n_experts, El, check=False)  # checked in plan_begin
+        row_node = self._node_map(idx_TK.device)[idx_TK.reshape(-1).long()[so.order] // El]
+        # (node, token) copies: sorted keys, their runs = unique(..., return_inverse) on device
+        keys, order = torch.sort(row_node * T + so.src_index)
+        run, first = _runs(keys)
+        row_copy = torch.empty_like(run)
+        row_copy[order] = run
+        recv_counts, works = self._exchange(self.group, so.expert_counts.view(P, El))
+        pend.works += works
+        pend.local.update(so=so, row_node=row_node, keys=keys, run=run, first=first, row_copy=row_copy,
+                          recv_counts=recv_counts)
+
+    def _sizes(self, pend: PendingPlan) -> torch.Tensor:
+        # [send splits P | receive splits P | number of (node, token) copies]
+        loc, P = pend.local, self.ep_size
+        return torch.cat([loc["so"].rank_counts, loc["recv_counts"].view(P, -1).sum(1),
+                          loc["first"].sum().view(1)])
+
+    def _end(self, pend: PendingPlan, sizes: list[int]) -> FlatPlan:
+        P, El, T, K = self.ep_size, pend.experts_per_rank, pend.n_tokens, pend.topk
+        loc, dev = pend.local, pend.device
+        send_splits, recv_splits, n_copies = sizes[:P], sizes[P:2 * P], sizes[2 * P]
+        so, rc = loc["so"], loc["recv_counts"].view(P, El)
+        n_recv = sum(recv_splits)
         # received rows come ordered (source, local expert, token): sort to (expert, source, token)
-        le = torch.arange(El, device=dev).repeat(P).repeat_interleave(recv_counts.flatten())
-        src = torch.arange(P, device=dev).repeat_interleave(recv_counts.sum(1))
+        le = torch.arange(El, device=dev).repeat(P).repeat_interleave(rc.reshape(-1), output_size=n_recv)
+        src = torch.arange(P, device=dev).repeat_interleave(rc.sum(1), output_size=n_recv)
         recv_perm = torch.argsort(le * P + src, stable=True)
-        node_of_rank = torch.tensor(self.node_of_rank, device=dev)
-        row_node = node_of_rank[idx_TK.reshape(-1).long()[so.order] // El]
-        keys, row_copy = torch.unique(row_node * T + so.src_index, sorted=True, return_inverse=True)
-        return FlatPlan(n_tokens=T, topk=K, n_experts=n_experts, experts_per_rank=El,
-                        recv_perm=recv_perm, recv_inv=_inverse(recv_perm),
-                        local_counts=recv_counts.sum(0), copy_token=keys % T if T else keys,
-                        copy_node=keys // T if T else keys, my_node=self.node,
-                        send_token=so.src_index, send_slot=so.order, send_splits=send_splits,
-                        recv_splits=recv_splits, row_copy=row_copy.view(-1), row_node=row_node)
+        keys = _run_values(loc["keys"], loc["run"], n_copies)
+        return FlatPlan(n_tokens=T, topk=K, n_experts=pend.n_experts, experts_per_rank=El,
+                        recv_perm=recv_perm, recv_inv=_inverse(recv_perm), local_counts=rc.sum(0),
+                        copy_token=keys % T if T else keys, copy_node=keys // T if T else keys,
+                        my_node=self.node, send_token=so.src_index, send_slot=so.order,
+                        send_splits=send_splits, recv_splits=recv_splits, row_copy=loc["row_copy"],
+                        row_node=loc["row_node"])
 
     def _scatter(self, plan: FlatPlan, x, slot_aux, quant_fp8, op):
         parts = self._gather_tokens(x, plan.send_token, quant_fp8)
@@ -496,8 +689,8 @@ class HierarchicalTransport(Transport):
 
     kind = "hierarchical"
 
-    def __init__(self, ep_group, ep_ranks, gpus_per_node, all_ep_ranks: Sequence[Sequence[int]],
-                 link=None, use_triton=False):
+    def __init__(self, ep_group, ep_ranks, gpus_per_node, all_ep_ranks: Sequence[Sequence[int]] | None = None,
+                 link=None, use_triton=None):
         super().__init__(ep_group, ep_ranks, gpus_per_node, link, use_triton)
         N = self.n_nodes
         if self.ep_size % N:
@@ -506,9 +699,7 @@ class HierarchicalTransport(Transport):
         L = self.ep_size // N
         self.ranks_per_node = L
         self.local = self.ep_rank % L
-        all_ep_ranks = [list(g) for g in all_ep_ranks]
-        if self.ep_ranks not in all_ep_ranks:
-            raise ValueError(f"all_ep_ranks {all_ep_ranks} does not contain this rank's EP group {self.ep_ranks}")
+        all_ep_ranks = _all_groups(self.ep_ranks, all_ep_ranks)
         for g in all_ep_ranks:
             nodes = [r // gpus_per_node for r in g]
             ok = len(g) == self.ep_size and all(nodes[i] == nodes[(i // L) * L] for i in range(len(g))) \
@@ -516,68 +707,91 @@ class HierarchicalTransport(Transport):
             if not ok:
                 raise ValueError(f"EP group {g} is not {N} node-contiguous blocks of {L} ranks "
                                  f"(gpus_per_node={gpus_per_node})")
-        inter_pg = intra_pg = None
-        for g in all_ep_ranks:  # identical order on every rank
+        inter_pg = intra_pg = (None, None)
+        for g in all_ep_ranks:  # identical order on every rank: payload group, then its count group
             for l in range(L):
                 ranks = [g[n * L + l] for n in range(N)]
-                pg = dist.new_group(ranks) if N > 1 else None
+                pgs = (dist.new_group(ranks) if N > 1 else None, self._count_pg(ranks))
                 if g == self.ep_ranks and l == self.local:
-                    inter_pg = pg
+                    inter_pg = pgs
             for n in range(N):
                 ranks = g[n * L:(n + 1) * L]
-                pg = dist.new_group(ranks) if L > 1 else None
+                pgs = (dist.new_group(ranks) if L > 1 else None, self._count_pg(ranks))
                 if g == self.ep_ranks and n == self.node:
-                    intra_pg = pg
+                    intra_pg = pgs
         inter_members = [n * L + self.local for n in range(N)]
         intra_members = [self.node * L + l for l in range(L)]
-        self.inter = _Group(inter_pg, inter_members, self.node, self._kinds(inter_members))
-        self.intra = _Group(intra_pg, intra_members, self.local, self._kinds(intra_members))
+        self.inter = _Group(inter_pg[0], inter_members, self.node, self._kinds(inter_members), inter_pg[1])
+        self.intra = _Group(intra_pg[0], intra_members, self.local, self._kinds(intra_members), intra_pg[1])
 
-    def plan(self, idx_TK: torch.Tensor, n_experts: int) -> HierPlan:
-        P, N, L = self.ep_size, self.n_nodes, self.ranks_per_node
-        if n_experts % P:
-            raise ValueError(f"n_experts={n_experts} is not divisible by the EP size {P}")
-        El = n_experts // P
-        T, K = idx_TK.shape
+    def _begin(self, pend: PendingPlan, idx_TK: torch.Tensor) -> None:
+        P, N, L, El, T, K = self.ep_size, self.n_nodes, self.ranks_per_node, pend.experts_per_rank, \
+            pend.n_tokens, pend.topk
         dev = idx_TK.device
-        if idx_TK.numel() and (int(idx_TK.min()) < 0 or int(idx_TK.max()) >= n_experts):
-            raise ValueError(f"expert ids must lie in [0, {n_experts})")
         expert = idx_TK.reshape(-1).long()
         token = torch.arange(T * K, device=dev) // K
-        node = torch.tensor(self.node_of_rank, device=dev)[expert // El]
-        # stage-1 rows ordered (target node, token, expert)
-        row_slot = torch.argsort((node * T + token) * n_experts + expert)
+        dest = expert // El  # EP rank hosting the expert; its node is dest // L (node-contiguous blocks)
+        node = dest // L
+        # stage-1 rows ordered (target node, token, expert): a (node, token) copy is a run of rows
+        row_slot = torch.argsort((node * T + token) * pend.n_experts + expert)
         r_node, r_tok, r_exp = node[row_slot], token[row_slot], expert[row_slot]
-        keys, row_copy = torch.unique(r_node * T + r_tok, sorted=True, return_inverse=True)
-        row_copy = row_copy.view(-1)
-        copy_node, copy_token = (keys // T, keys % T) if T else (keys, keys)
-        copy_counts = torch.bincount(copy_node, minlength=N)
-        row_counts = torch.bincount(r_node, minlength=N)
-        rc = self._a2a_sync(self.inter, torch.stack([copy_counts, row_counts], 1)).view(N, 2)
-        copy_splits, row_splits = copy_counts.tolist(), row_counts.tolist()
-        copy_recv_splits, row_recv_splits = rc[:, 0].tolist(), rc[:, 1].tolist()
-        meta1 = torch.stack([r_exp, row_copy - _offsets(copy_counts)[r_node], r_tok], 1)
-        rmeta1 = self._a2a_sync(self.inter, meta1, row_splits, row_recv_splits)
+        ckey = r_node * T + r_tok
+        row_copy, first = _runs(ckey)
+        copy_counts, row_counts = _count(r_node, N, first), _count(r_node, N)
+        # per target node: [copies, rows, rows for each local rank there (its stage-2 splits)]
+        fwd = _count(dest, P).view(N, L)
+        rc, works = self._exchange(self.inter, torch.cat([copy_counts[:, None], row_counts[:, None], fwd], 1))
+        rc = rc.view(N, 2 + L)
+        # as forwarding rank: rows this rank sends to each local rank, then what each sends it
+        self._wait_all(works)  # CUDA: the count stream waits (see _count_stream)
+        s2_counts = rc[:, 2:].sum(0)
+        s2_recv, works = self._exchange(self.intra, s2_counts.view(L, 1))
+        pend.works += works
+        pend.local.update(row_slot=row_slot, r_node=r_node, r_tok=r_tok, r_exp=r_exp, ckey=ckey,
+                          row_copy=row_copy, copy_counts=copy_counts, row_counts=row_counts, rc=rc,
+                          s2_counts=s2_counts, s2_recv=s2_recv)
+
+    def _sizes(self, pend: PendingPlan) -> torch.Tensor:
+        # [copy splits N | row splits N | copy recv N | row recv N | stage-2 splits L | recv L]
+        loc = pend.local
+        return torch.cat([loc["copy_counts"], loc["row_counts"], loc["rc"][:, 0], loc["rc"][:, 1],
+                          loc["s2_counts"], loc["s2_recv"].view(-1)])
+
+    def _end(self, pend: PendingPlan, sizes: list[int]) -> HierPlan:
+        P, N, L, El, T = self.ep_size, self.n_nodes, self.ranks_per_node, pend.experts_per_rank, pend.n_tokens
+        loc, dev = pend.local, pend.device
+        cut = [0, N, 2 * N, 3 * N, 4 * N, 4 * N + L, 4 * N + 2 * L]
+        copy_splits, row_splits, copy_recv_splits, row_recv_splits, s2_splits, s2_recv_splits = \
+            (sizes[a:b] for a, b in zip(cut[:-1], cut[1:]))
+        r_node, rc = loc["r_node"], loc["rc"]
+        meta1 = torch.stack([loc["r_exp"], loc["row_copy"] - _offsets(loc["copy_counts"])[r_node],
+                             loc["r_tok"]], 1)
+        rmeta1, works = self._exchange(self.inter, meta1, row_splits, row_recv_splits)
+        self._wait_all(works)
         # forwarding rank: route each received row to the rank hosting its expert
-        src_node = torch.arange(N, device=dev).repeat_interleave(rc[:, 1])
+        src_node = torch.arange(N, device=dev).repeat_interleave(rc[:, 1], output_size=sum(row_recv_splits))
         fw_copy = _offsets(rc[:, 0])[src_node] + rmeta1[:, 1]
         src_rank = src_node * L + self.local
         e2, t2 = rmeta1[:, 0], rmeta1[:, 2]
+        # ascending expert, so grouped by destination local rank: s2_splits rows each
         s2_order = torch.argsort(((e2 * P + src_rank) << _TOKEN_BITS) + t2)
-        dest = (e2 // El - self.node * L)[s2_order]
-        s2_counts = torch.bincount(dest, minlength=L)
-        s2_recv = self._a2a_sync(self.intra, s2_counts.view(L, 1)).view(L)
-        s2_splits, s2_recv_splits = s2_counts.tolist(), s2_recv.tolist()
+        if debug_checks():  # the source-side stage-2 counts match the rows (a host read: debug only)
+            dest = (e2 // El - self.node * L)
+            if not torch.equal(_count(dest, L), loc["s2_counts"]):
+                raise RuntimeError("hierarchical plan: stage-2 counts disagree with the forwarded rows")
         meta2 = torch.stack([e2 % El, src_rank, t2], 1)[s2_order]
-        rmeta2 = self._a2a_sync(self.intra, meta2, s2_splits, s2_recv_splits)
+        rmeta2, works = self._exchange(self.intra, meta2, s2_splits, s2_recv_splits)
+        self._wait_all(works)
         recv_perm = torch.argsort(((rmeta2[:, 0] * P + rmeta2[:, 1]) << _TOKEN_BITS) + rmeta2[:, 2])
-        return HierPlan(n_tokens=T, topk=K, n_experts=n_experts, experts_per_rank=El,
+        keys = _run_values(loc["ckey"], loc["row_copy"], sum(copy_splits))
+        copy_node, copy_token = (keys // T, keys % T) if T else (keys, keys)
+        return HierPlan(n_tokens=T, topk=pend.topk, n_experts=pend.n_experts, experts_per_rank=El,
                         recv_perm=recv_perm, recv_inv=_inverse(recv_perm),
-                        local_counts=torch.bincount(rmeta2[:, 0], minlength=El),
+                        local_counts=_count(rmeta2[:, 0], El),
                         copy_token=copy_token, copy_node=copy_node, my_node=self.node,
-                        copy_splits=copy_splits, copy_recv_splits=copy_recv_splits, row_slot=row_slot,
-                        row_splits=row_splits, row_recv_splits=row_recv_splits,
-                        n_fwd_copies=int(rc[:, 0].sum()), s2_order=s2_order, s2_copy=fw_copy[s2_order],
+                        copy_splits=copy_splits, copy_recv_splits=copy_recv_splits,
+                        row_slot=loc["row_slot"], row_splits=row_splits, row_recv_splits=row_recv_splits,
+                        n_fwd_copies=sum(copy_recv_splits), s2_order=s2_order, s2_copy=fw_copy[s2_order],
                         s2_splits=s2_splits, s2_recv_splits=s2_recv_splits)
 
     def _scatter(self, plan: HierPlan, x, slot_aux, quant_fp8, op):
@@ -631,19 +845,29 @@ class HierarchicalTransport(Transport):
         return out, aux
 
 
+def _all_groups(ep_ranks: Sequence[int], all_ep_ranks: Sequence[Sequence[int]] | None) -> list[list[int]]:
+    """Every EP group of the world (default: contiguous EP-sized blocks); must hold ``ep_ranks``."""
+    if all_ep_ranks is None:
+        world, P = dist.get_world_size(), len(ep_ranks)
+        if world % P:
+            raise ValueError("pass all_ep_ranks: the world is not a whole number of EP groups")
+        all_ep_ranks = [range(s, s + P) for s in range(0, world, P)]
+    groups = [list(g) for g in all_ep_ranks]
+    if list(ep_ranks) not in groups:
+        raise ValueError(f"all_ep_ranks {groups} does not contain this rank's EP group {list(ep_ranks)}: "
+                         "pass every EP group of the world as all_ep_ranks")
+    return groups
+
+
 def build_transport(kind: str, ep_group, ep_ranks: Sequence[int], gpus_per_node: int,
                     all_ep_ranks: Sequence[Sequence[int]] | None = None, link: LinkModel | None = None,
-                    use_triton: bool = False) -> Transport:
-    """A transport for this rank's EP group.  Collective for ``hierarchical`` (creates groups for
-    every EP group of ``all_ep_ranks``; default: the world cut into contiguous EP-sized blocks,
-    which is the ``ParallelDims`` layout)."""
+                    use_triton: bool | None = None) -> Transport:
+    """A transport for this rank's EP group.  Collective over the world: both kinds create count
+    communicators (hierarchical: also its stage groups) for every EP group of ``all_ep_ranks``
+    (default: the world cut into contiguous EP-sized blocks, the ``ParallelDims`` layout).
+    ``use_triton=None``: Triton kernels for CUDA tensors, torch references otherwise."""
     if kind == "flat":
-        return FlatTransport(ep_group, ep_ranks, gpus_per_node, link, use_triton)
+        return FlatTransport(ep_group, ep_ranks, gpus_per_node, link, use_triton, all_ep_ranks)
     if kind == "hierarchical":
-        if all_ep_ranks is None:
-            world, P = dist.get_world_size(), len(ep_ranks)
-            if world % P:
-                raise ValueError("pass all_ep_ranks: the world is not a whole number of EP groups")
-            all_ep_ranks = [list(range(s, s + P)) for s in range(0, world, P)]
         return HierarchicalTransport(ep_group, ep_ranks, gpus_per_node, all_ep_ranks, link, use_triton)
     raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")

@@ -15,11 +15,13 @@ mean, so every gradient is (1/(dp*sp)) * sum over ranks of local gradients. For 
 params that sum runs over the dense group; for experts the all-to-all backward already
 summed the contributions of every rank of the EP group into the expert's owner, and the
 edp reduction sums the replicas: the factor is still 1/(dp*sp), NOT 1/edp (the "EP
-gradients off by exactly ep x" bug of REFERENCE.md section 6).
+gradients off by exactly ep x" bug, docs/expert_parallel.md).
 
 Global gradient norm: every element of every bucket is owned by exactly one rank in its
 reduce group, reduce groups of different experts or stages are disjoint, so the sum of
-squares of the owned slices all-reduced over the world counts each parameter once.
+squares of the owned slices all-reduced over the world counts each parameter once. It stays
+on the buckets' device (NCCL takes no CPU tensors) and is returned as a device tensor: the
+trainer reads it back together with the loss, once per step.
 
 Checkpoints: for parameter ``fqn`` the master weights and both moments are saved as 1-D
 views of the parameter's *global* flattened tensor (experts: all E experts), each rank
@@ -76,9 +78,10 @@ class ZeroOptimizer:
     parameter to its reduce group (``None`` for a single-process run)."""
 
     def __init__(self, model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
-                 moments_dtype: torch.dtype, spec_of=None, world_group=None):
+                 moments_dtype: torch.dtype, spec_of=None, world_group=None, chunk: int = 1 << 22):
         self.model = model
         self.world_group = world_group
+        self.chunk = chunk  # elements per slice of the norm's float64 copies and of AdamW's scratch
         spec_of = spec_of or (lambda n, p: ReduceSpec(group=None, ranks=[0], grad_scale=1.0))
         keyed: dict[tuple, list[tuple[str, nn.Parameter]]] = {}
         specs: dict[tuple, ReduceSpec] = {}
@@ -101,14 +104,19 @@ class ZeroOptimizer:
             W = len(spec.ranks)
             shard = -(-total // W)
             me = spec.ranks.index(dist.get_rank()) if spec.group is not None else 0
-            flat = torch.zeros(shard * W, dtype=torch.float32, device=params[0].device)
+            # the fp32 master shard: elements [me * shard, (me + 1) * shard) of the bucket,
+            # copied straight from the parameters that overlap it (no full-size flat copy)
+            lo_me = me * shard
+            master = torch.zeros(shard, dtype=torch.float32, device=params[0].device)
             for p, o in zip(params, offsets):
-                flat[o:o + p.numel()] = p.detach().flatten().float()
-            master = flat[me * shard:(me + 1) * shard].clone()
+                lo, hi = max(o, lo_me), min(o + p.numel(), lo_me + shard)
+                if lo < hi:
+                    master[lo - lo_me:hi - lo_me] = p.detach().reshape(-1)[lo - o:hi - o]
             self.buckets.append(_Bucket(spec, key[2], names, params, offsets, total, shard, me, master))
         groups = [{"params": [b.master], "weight_decay": weight_decay if b.decay else 0.0} for b in self.buckets]
         self.inner = AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                           moments_dtype=moments_dtype)
+                           moments_dtype=moments_dtype, chunk=chunk)
+        self.device = self.buckets[0].master.device if self.buckets else torch.device("cpu")
 
     # -- torch.optim-like surface --------------------------------------------------------
     @property
@@ -121,28 +129,46 @@ class ZeroOptimizer:
             b.master.grad = None
 
     # -- the step, in three phases so the trainer can decide in between ---------------------
-    def reduce_gradients(self) -> float:
+    def reduce_gradients(self) -> torch.Tensor:
         """Reduce-scatter every bucket's gradient into ``master.grad``; returns the global
-        gradient norm (over all ranks, each element counted once)."""
-        sq = torch.zeros((), dtype=torch.float64)
+        gradient norm (over all ranks, each element counted once) as a float64 0-dim tensor on
+        the buckets' device. No host read here: the trainer reads it together with the loss,
+        once per step.
+
+        Memory per bucket: the full-size fp32 input of the reduce-scatter (written once, no
+        zero-fill of what the gradients overwrite) and the shard-sized result, both transient:
+        freed when the step is over, so the caching allocator hands the same blocks to the next
+        step's activations instead of holding them through forward and backward. The squared
+        norm is summed in float64 over ``chunk``-element slices (the float64 copy is
+        chunk-sized, not 8 bytes per shard element); one slice (shards up to ``chunk``
+        elements) is exactly the former whole-shard expression."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for b in self.buckets:
-            flat = torch.zeros(b.shard * b.world, dtype=torch.float32, device=b.master.device)
+            flat = torch.empty(b.shard * b.world, dtype=torch.float32, device=b.master.device)
             for p, o in zip(b.params, b.offsets):
+                dst = flat[o:o + p.numel()]
                 if p.grad is not None:
-                    flat[o:o + p.numel()] = p.grad.detach().flatten().float()
+                    dst.view(p.shape).copy_(p.grad.detach())
+                else:
+                    dst.zero_()
+            flat[b.numel:].zero_()  # padding up to world * shard
             if b.spec.group is not None and b.world > 1:
                 g = torch.empty(b.shard, dtype=torch.float32, device=flat.device)
                 reduce_scatter_single(g, flat, op=dist.ReduceOp.SUM, group=b.spec.group)
+                del flat
             else:
                 g = flat
             g.mul_(b.spec.grad_scale)
             b.master.grad = g
-            sq += g.double().pow(2).sum().cpu()
+            sq += _sum_sq(g, self.chunk)
         if self.world_group is not None:
             dist.all_reduce(sq, group=self.world_group)
-        return float(sq.sqrt())
+        return sq.sqrt()
 
     def clip(self, norm: float, max_norm: float) -> None:
+        """Scale the gradients by ``max_norm / (norm + 1e-6)`` when ``norm`` (the host value of
+        ``reduce_gradients``' result) exceeds ``max_norm``."""
+        norm = float(norm)
         if max_norm > 0 and norm > max_norm:
             scale = max_norm / (norm + 1e-6)
             for b in self.buckets:
@@ -198,7 +224,7 @@ class ZeroOptimizer:
         if "exp_avg" not in st:
             st["exp_avg"] = torch.zeros_like(b.master, dtype=self.inner.moments_dtype)
             st["exp_avg_sq"] = torch.zeros_like(b.master, dtype=self.inner.moments_dtype)
-            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["step"] = torch.zeros((), dtype=torch.float32, device="cpu")  # host-side, as AdamW's
             self.inner.state[b.master] = st
         return {"master": b.master, "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
 
@@ -219,6 +245,17 @@ class ZeroOptimizer:
         for b in self.buckets:
             self._state_tensors(b)
             self.inner.state[b.master]["step"].fill_(step)
+
+
+def _sum_sq(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """sum(x.double() ** 2) as a float64 0-dim tensor, ``chunk`` elements at a time (one float64
+    slice copy alive at once); a single slice is the whole-tensor expression itself."""
+    if x.numel() <= chunk:
+        return x.double().pow_(2).sum()
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for part in x.split(chunk):
+        total += part.double().pow_(2).sum()
+    return total
 
 
 # ------------------------------------------------------------------ ownership of global ranges

@@ -30,6 +30,18 @@ combine issued by ``MLP(F)`` during ``ATTN(B) ATTN(W)``.  The pipeline send of t
 output leaves as soon as the forward half ends (``on_forward_done``), before the backward half
 finishes.  Every rank of an expert-parallel group runs the same program, so collectives are
 issued in the same order everywhere.
+
+Deferred launches.  A forward piece may register work with ``Tape.defer`` that must not run
+inside it: the MoE dispatch's launch, which reads the plan's sizes on the host (one read per
+dispatch, ``hai_llm.parallel.transport``) and on a GPU would block until everything queued
+before it has run.  :func:`run_overlapped` runs a forward tape's deferred launches right after
+the other micro-batch's next backward piece is queued (before that piece's W), so the read
+waits only for the count exchange; otherwise they run right before the next forward piece.
+
+Tracer protocol.  ``tracer.piece(name, kind, t0, t1)`` records each finished piece (kinds F, B,
+W and L for launches); a tracer that also has ``region(name, kind)`` (a context manager) gets
+it entered around each of them, e.g. to attribute host reads to pieces
+(``tests/test_host_syncs.py``).
 """
 from __future__ import annotations
 
@@ -41,6 +53,21 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .wgrad_split import WeightGradStore, run_closures
+
+
+def _region(tracer, name: str, kind: str):
+    """The tracer's ``region(name, kind)`` context around a piece, if it has one."""
+    region = getattr(tracer, "region", None)
+    return region(name, kind) if region is not None else nullcontext()
+
+
+def run_weights(sink: list, label: str, piece: Piece, tracer=None) -> None:
+    """Run a backward piece's deferred weight-gradient closures as the ``W`` piece."""
+    t0 = time.time()
+    with _region(tracer, f"W{label}.{piece.name}", "W"):
+        run_closures(sink)
+    if tracer is not None and sink:
+        tracer.piece(f"W{label}.{piece.name}", "W", t0, time.time())
 
 
 # ====================================================================== pieces and tapes
@@ -81,16 +108,35 @@ class Tape:
         self.tracer = tracer
         self.label = label
         self._pending_losses: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._launches: List[Tuple[str, Callable[[], None]]] = []
 
     def add_loss(self, t: torch.Tensor, grad: torch.Tensor) -> None:
         """A scalar whose gradient is ``grad`` (already includes the 1/n_micro weight)."""
         self._pending_losses.append((t, grad))
 
+    def defer(self, name: str, launch: Callable[[], None]) -> None:
+        """Register ``launch`` (idempotent) to run after the current forward piece: by
+        :func:`run_overlapped` right after the other micro-batch's next backward piece is
+        queued, at the latest right before this tape's next forward piece."""
+        self._launches.append((name, launch))
+
+    def run_launches(self) -> None:
+        """Run the deferred launches registered so far, in order (the ``L`` pieces)."""
+        while self._launches:
+            name, launch = self._launches.pop(0)
+            t0 = time.time()
+            with _region(self.tracer, f"L{self.label}.{name}", "L"):
+                launch()
+            if self.tracer is not None:
+                self.tracer.piece(f"L{self.label}.{name}", "L", t0, time.time())
+
     # -- forward ------------------------------------------------------------------------
     def forward_steps(self) -> Iterator[Piece]:
         for piece in self.pieces:
+            self.run_launches()
             t0 = time.time()
-            outs = piece.fn(self.env, self)
+            with _region(self.tracer, f"F{self.label}.{piece.name}", "F"):
+                outs = piece.fn(self.env, self)
             rec = _Record(piece, [], self._pending_losses)
             self._pending_losses = []
             for k, v in outs.items():
@@ -104,6 +150,7 @@ class Tape:
             if self.tracer is not None:
                 self.tracer.piece(f"F{self.label}.{piece.name}", "F", t0, time.time())
             yield piece
+        self.run_launches()
         self.output = self.env.get("h") if "out" not in self.env else None
 
     def run_forward(self) -> None:
@@ -131,7 +178,7 @@ class Tape:
                 grads.append(g)
             sink: list = []
             if tensors:
-                with store.collect(sink):
+                with store.collect(sink), _region(self.tracer, f"B{self.label}.{rec.piece.name}", "B"):
                     torch.autograd.backward(tensors, grads)
             rec.outs.clear()
             rec.losses.clear()
@@ -160,7 +207,9 @@ def run_overlapped(f_tape: Tape, b_tape: Tape, b_grad: Callable[[], Optional[tor
     ``b_grad`` is called right before the first backward piece (its receive stays in flight
     during the first forward piece); ``on_forward_done`` right after the last forward piece
     (the pipeline send of the forward output).  ``fwd_ctx()`` (autocast) wraps each forward
-    piece only: backward pieces run outside it."""
+    piece only: backward pieces run outside it.  The forward tape's deferred launches (the
+    dispatch all-to-alls its last piece began) run right after each backward piece, before
+    that piece's W: the other micro-batch's work is queued by then."""
     f_it = f_tape.forward_steps()
     b_it = None
     f_done = b_done = False
@@ -183,10 +232,8 @@ def run_overlapped(f_tape: Tape, b_tape: Tape, b_grad: Callable[[], Optional[tor
         except StopIteration:
             b_done = True
             return None
-        t0 = time.time()
-        run_closures(sink)
-        if tracer is not None and sink:
-            tracer.piece(f"W{b_tape.label}.{piece.name}", "W", t0, time.time())
+        f_tape.run_launches()
+        run_weights(sink, b_tape.label, piece, tracer)
         return piece
 
     step_f()
@@ -209,9 +256,6 @@ def run_sequential(f_tape: Tape, b_tape: Tape, b_grad: Callable[[], Optional[tor
         f_tape.run_forward()
     on_forward_done()
     for piece, sink in b_tape.backward_steps(b_grad(), store):
-        t0 = time.time()
-        run_closures(sink)
-        if tracer is not None and sink:
-            tracer.piece(f"W{b_tape.label}.{piece.name}", "W", t0, time.time())
+        run_weights(sink, b_tape.label, piece, tracer)
 
 

@@ -2,7 +2,8 @@
 
 The cut mirrors DeepSeek-V3's chunk split (attention, dispatch, MLP, combine): per transformer
 block an ``attn`` piece (the block's attention half with its residual, the FFN norm and the
-router; under expert parallelism it ends by ISSUING the dispatch all-to-all) and an ``mlp``
+router; under expert parallelism it ends by BEGINNING the dispatch: the count exchange is issued
+and the payload launch is deferred on the tape, see ``overlap.Tape.defer``) and an ``mlp``
 piece (waits for the dispatch, runs the experts and the shared experts, ISSUES the combine).
 The combine is waited at the start of the next piece (the block's final residual add, merged
 into the next block's ``attn`` piece or the stage's tail). Dense blocks have the same two
@@ -11,7 +12,7 @@ cross-entropy and MTP modules are pieces too.
 
 Nothing here re-implements the model: every piece calls the model's own pieces
 (``Block.attn_part`` / ``ffn_input`` / ``ffn_part`` / ``residual``, ``MoE.route`` /
-``routed`` / ``shared`` / ``merge``, ``MTPModule.input_proj``, ``head_ce``) and the loss terms
+``routed`` / ``shared`` / ``merge``, ``MTPModule.input_proj``, ``logits_ce``) and the loss terms
 are back-propagated with the model's :class:`~hai_llm.model.transformer.LossWeights`, so a
 pipeline step computes exactly ``Transformer.loss``, piece by piece.
 """
@@ -23,7 +24,7 @@ import torch
 
 from hai_llm.model.layers import maybe_recompute
 from hai_llm.model.moe import MoE
-from hai_llm.model.transformer import Block, LossWeights, head_ce
+from hai_llm.model.transformer import Block, LossWeights, logits_ce
 
 from .overlap import Piece
 
@@ -66,6 +67,9 @@ def _block_pieces(block: Block, tag: str, rope, moe_index: Optional[Tuple[int, i
         res = {**out, "h1": h1, "zf": r.x_TD, "shape": r.shape}
         if ep:
             handle = disp.dispatch_async(r.x_TD, r.weights_TK, r.idx_TK)
+            # the plan's one host read and the payload: after the other micro-batch's next
+            # backward piece is queued (overlapped F&B), else before the mlp piece
+            tape.defer(f"dispatch{tag}", handle.launch)
             # the token crosses the piece boundary as a leaf: the mlp piece waits on it
             res.update(dispatch=handle, dtoken=handle.token)
         else:
@@ -161,11 +165,12 @@ def build_stage_pieces(stage, pm, tokens_BT: torch.Tensor, pos_S: torch.Tensor,
     post_main = pending_post
 
     def head_fn(env, tape):
-        h = post_main(env)
-        ce = head_ce(stage.norm, stage.head, h, tokens_BT[:, pos_S + 1])
+        # the normed state is read by the head and by MTP depth 1 (Transformer.mtp_states)
+        hn = stage.norm(post_main(env))
+        ce = logits_ce(stage.head, hn, tokens_BT[:, pos_S + 1])
         tape.metrics["ce"] = ce.detach()
         tape.add_loss(ce, weights.ce(scale))
-        return {"h": h, "out": True}
+        return {"h": hn, "out": True}
 
     pieces.append(Piece("head", "other", head_fn))
     pending_post = None
@@ -180,8 +185,8 @@ def build_stage_pieces(stage, pm, tokens_BT: torch.Tensor, pos_S: torch.Tensor,
         post_k = pending_post
 
         def mtp_out(env, tape, mod=mod, k=k, post_k=post_k):
-            h = post_k(env)
-            term = head_ce(mod.norm, stage.head, h, tokens_BT[:, pos_S + k + 1])
+            h = mod.norm(post_k(env))  # read by this depth's head and by depth k + 1
+            term = logits_ce(stage.head, h, tokens_BT[:, pos_S + k + 1])
             mtp_terms.append(term.detach())
             tape.add_loss(term, weights.mtp_each(scale))
             if len(mtp_terms) == D:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hai_llm.model.moe import GroupedExperts, grouped_mm, grouped_operands
+from hai_llm.model.moe import GroupedExperts, grouped_mm, grouped_operands, pad_columns
 
 
 class WeightGradStore:
@@ -128,14 +128,16 @@ class _GroupedMMFn(torch.autograd.Function):
     """``grouped_mm(x, w, counts)`` with the weight-gradient deferred to the store.
 
     The backward mirrors autograd of whichever path ``grouped_mm`` takes, op for op: the
-    grouped kernel (input grad ``gmm(gy, w)``, weight grad ``gmm(x^T, gy)^T`` with the same
-    offsets) or the zero-padded bmm of other dtypes, so the split changes no bit.
+    grouped kernel on the operands ``grouped_operands`` zero-pads to the kernel's stride
+    alignment (input grad ``gmm(gy', w')[:, :I]``, weight grad ``gmm(x'^T, gy')^T[:, :O, :I]`` with
+    the same offsets, gy' = gy with zero columns up to O') or the zero-padded bmm of other
+    dtypes, so the split changes no bit.
     """
 
     @staticmethod
     def forward(ctx, x, w, counts, store):
         y = grouped_mm(x, w, counts)
-        xc, wc, _ = grouped_operands(x, w)  # what grouped_mm multiplied (autocast casts)
+        xc, wc, _ = grouped_operands(x, w)  # what grouped_mm multiplied (autocast casts, alignment padding)
         ctx.save_for_backward(xc, wc, counts)
         ctx.param = w
         ctx.x_dtype = x.dtype
@@ -146,19 +148,22 @@ class _GroupedMMFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, w, counts = ctx.saved_tensors
         param = ctx.param
+        O, I = param.shape[1], param.shape[2]  # x and w may carry alignment padding beyond these
         R, E = x.shape[0], w.shape[0]
         if R == 0:
             if param.requires_grad:
                 ctx.store.defer(lambda: _accumulate(param, torch.zeros_like(param)))
-            return x.new_zeros(x.shape, dtype=ctx.x_dtype), None, None, None
+            return x.new_zeros((0, I), dtype=ctx.x_dtype), None, None, None
         gy = gy.contiguous()
         _, _, kernel = grouped_operands(x, w)
         if kernel is not None:
             offs = counts.cumsum(0).to(torch.int32)
-            gx = kernel(gy.to(w.dtype), w, offs=offs)
+            gy = pad_columns(gy, w.shape[1])  # grouped_mm dropped y's alignment columns: zero gradient
+            gx = kernel(gy.to(w.dtype), w, offs=offs)[:, :I]
             if param.requires_grad:
                 def wgrad(x=x, gy=gy, offs=offs, param=param):
-                    _accumulate(param, kernel(x.transpose(-2, -1), gy.to(x.dtype), offs=offs).transpose(-2, -1))
+                    gw = kernel(x.transpose(-2, -1), gy.to(x.dtype), offs=offs).transpose(-2, -1)
+                    _accumulate(param, gw[:, :O, :I])
 
                 ctx.store.defer(wgrad)
             return gx.to(ctx.x_dtype), None, None, None

@@ -43,8 +43,9 @@ class Runtime(ABC):
     world_group = None
 
     @abstractmethod
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """This rank's part of ``model`` (built identically on every rank), parallelized."""
+    def prepare_model(self, model: nn.Module, device=None) -> nn.Module:
+        """This rank's part of ``model`` (built identically on every rank, normally on the meta
+        device), parallelized; a meta model's kept parameters are materialised on ``device``."""
 
     def positions(self, seq_len: int, device) -> torch.Tensor | None:
         """Positions of the window this rank computes (None: all of them)."""
@@ -52,23 +53,29 @@ class Runtime(ABC):
 
     def forward_backward(self, model: nn.Module, batch: torch.Tensor, n_micro: int, autocast) -> dict:
         """Run all micro-batches of this rank's batch; return summed (already 1/n_micro
-        weighted) loss terms and expert counts."""
-        totals = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
+        weighted) loss terms and expert counts, ON THE MODEL'S DEVICE (no host read here).
+
+        ``terms``: float64 [len(TERMS)] = sum over micro-batches of float64(term) / n_micro, in
+        micro-batch order: the same IEEE operations as the former per-micro-batch
+        ``float(term) / n_micro`` accumulated in a Python float, so the logged loss keeps its
+        bits. Each name of ``TERMS`` is also a 0-dim view of it. ``counts``: [L, E] tokens per
+        expert, summed over micro-batches (None without MoE layers)."""
+        terms = torch.zeros(len(TERMS), dtype=torch.float64, device=batch.device)
+        n = divisor(n_micro, batch.device)
         counts = None
         pos = self.positions(batch.shape[1] - 1 - model.args.n_mtp_layers, batch.device)
         for mb in batch.chunk(n_micro):
             with autocast():
                 out = model.loss(mb, pos)
             (out.loss / n_micro).backward()
-            for k in totals:
-                totals[k] += float(getattr(out, k).detach()) / n_micro
+            terms += torch.stack([getattr(out, k).detach().double() for k in TERMS]) / n
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
-        totals["counts"] = counts
-        return totals
+        return with_terms(terms, counts)
 
     def reduce_metrics(self, totals: dict) -> dict:
-        """Average loss terms and sum expert counts over the ranks sharing a step."""
+        """Average loss terms and sum expert counts over the ranks sharing a step (device
+        tensors in, device tensors out: the collectives run on the model's device)."""
         return totals
 
     def build_optimizer(self, model: nn.Module, cfg: Config) -> ZeroOptimizer:
@@ -78,6 +85,24 @@ class Runtime(ABC):
                              spec_of=self.spec_of, world_group=self.world_group)
 
 
+TERMS = ("loss", "ce", "mtp", "balance")  # the loss terms of a step, in ``totals["terms"]`` order
+
+
+def divisor(n: int, device) -> torch.Tensor:
+    """``n`` as a float64 0-dim tensor on ``device``, the divisor of the loss terms: CUDA divides
+    by a Python (CPU) scalar as a multiplication by its reciprocal, which is not IEEE division and
+    would change the logged loss's last bit; a device tensor divisor is a true division everywhere."""
+    return torch.full((), n, dtype=torch.float64, device=device)
+
+
+def with_terms(terms: torch.Tensor, counts: torch.Tensor | None) -> dict:
+    """``totals`` of ``Runtime.forward_backward``: the float64 ``terms`` vector, a 0-dim view of
+    it under each name of ``TERMS``, and ``counts``."""
+    out = {k: terms[i] for i, k in enumerate(TERMS)}
+    out.update(terms=terms, counts=counts)
+    return out
+
+
 class SingleProcessRuntime(Runtime):
     """One process, no parallelism: the layout of a world of one (FP8 swap only)."""
 
@@ -85,5 +110,5 @@ class SingleProcessRuntime(Runtime):
         self.cfg = cfg
         self.layout = build_layout(cfg, 1)
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        return parallelize(model, self.layout, self.cfg).model
+    def prepare_model(self, model: nn.Module, device=None) -> nn.Module:
+        return parallelize(model, self.layout, self.cfg, device=device).model

@@ -23,7 +23,7 @@ from hai_llm.model.moe import expert_parameter_names
 from hai_llm.parallel.sequence import sp_positions
 from hai_llm.parallel.zero import ReduceSpec
 
-from .base import Runtime
+from .base import Runtime, divisor, with_terms
 from .parallelize import parallelize
 
 
@@ -54,8 +54,8 @@ class MeshRuntime(Runtime):
         self.expert_names: set[str] = set()
 
     # -- model -----------------------------------------------------------------------------
-    def prepare_model(self, model):
-        model = parallelize(model, self.layout, self.cfg, self.mesh).model
+    def prepare_model(self, model, device=None):
+        model = parallelize(model, self.layout, self.cfg, self.mesh, device=device).model
         self.expert_names = expert_parameter_names(model)
         return model
 
@@ -83,14 +83,21 @@ class MeshRuntime(Runtime):
     def reduce_metrics(self, totals: dict) -> dict:
         if self.n_dp_sp == 1:
             return totals
-        keys = ["loss", "ce", "mtp", "balance"]
-        vec = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(vec, group=self.mesh.group("dp_sp"))
-        out = {k: float(v) / self.n_dp_sp for k, v in zip(keys, vec)}
-        counts = totals["counts"]
-        if counts is not None:
-            counts = counts.clone()
-            dist.all_reduce(counts, group=self.mesh.group("dp_sp"))
-            # every sp rank of a sequence counted its own tokens: the sum is the global load
-        out["counts"] = counts
-        return out
+        return reduce_totals(totals, self.mesh.group("dp_sp"), self.n_dp_sp, self.mesh.group("dp_sp"))
+
+
+def reduce_totals(totals: dict, terms_group, n_terms: int, counts_group) -> dict:
+    """Loss terms all-reduced over ``terms_group`` and divided by ``n_terms`` (its size; None
+    group: left as they are), expert loads summed over ``counts_group`` (None: left as they are).
+    Everything stays on the device of ``totals`` (NCCL takes no CPU tensors) and in float64, so
+    the mean is the same IEEE sum and division as the former host-side one."""
+    terms, counts = totals["terms"], totals["counts"]
+    if terms_group is not None:
+        terms = terms.clone()
+        dist.all_reduce(terms, group=terms_group)
+        terms /= divisor(n_terms, terms.device)
+    if counts is not None and counts_group is not None:
+        counts = counts.clone()
+        dist.all_reduce(counts, group=counts_group)
+        # every sp rank of a sequence counted its own tokens: the sum is the global load
+    return with_terms(terms, counts)

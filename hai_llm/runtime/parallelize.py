@@ -1,7 +1,12 @@
 """``parallelize``: the one function that turns a built model into this rank's share of a layout.
 
 Every runtime's ``prepare_model`` is a call to it (a single process too, with the layout of a
-world of one), so the transformations and their order exist once:
+world of one), so the transformations and their order exist once. The model arrives on the
+META device (``build_model(args)``: shapes only, no storage) and every structural step below is
+a class swap, a choice of modules or a slice of meta tensors, so nothing is allocated until the
+last step, which materialises exactly the parameters this rank keeps. The full fp32 model never
+exists on any rank (the 671B model's pipeline stage would not fit). A model that is already
+materialised (tests, benchmarks) goes through the same steps; step 6 then does nothing.
 
 1. **FP8 module swap** (``train.precision == "fp8"``): ``hai_llm.fp8.convert_to_fp8`` swaps
    ``nn.Linear`` / ``GroupedExperts`` for the FP8 classes. First, because the later steps keep
@@ -13,21 +18,31 @@ world of one), so the transformations and their order exist once:
    parallel steps, so they only touch modules this rank keeps.
 3. **Sequence parallelism** (``sp > 1``): ``SequenceParallelMLA`` and the routing-statistics
    hooks over the sp group.
-4. **Expert parallelism** (``ep > 1``): the routed experts are sliced over the EP group and the
-   dispatcher (flat or hierarchical transport, FP8 payload under the FP8 recipe) installed.
-   The optimizer must be built after this (the expert parameters are new tensors).
+4. **Expert parallelism** (``ep > 1``): the routed experts are sliced over the EP group (on meta:
+   the slice is a meta tensor of the local shape, recorded as ``ep_slice``) and the dispatcher
+   (flat or hierarchical transport, FP8 payload under the FP8 recipe) installed. The optimizer
+   must be built after this (the expert parameters are new tensors).
 5. **Weight-gradient split** (``pp > 1``): GEMMs hand their weight gradient to a
    ``WeightGradStore`` so the schedule can run it in a later ``W`` step.
+6. **Materialise and initialise** (when ``device`` is given and parameters are still on meta):
+   ``materialize`` gives the kept parameters and buffers storage on ``device`` and
+   ``init_parameters`` fills them from (``train.seed``, global name, global expert row), so each
+   value equals the same element of ``build_model(args, device, seed)``: the single-process model
+   and every layout start from the same weights. Last, because only then is it known which
+   parameters (stages) and which expert rows (EP slice) this rank keeps, and because every
+   earlier step works on meta tensors.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from hai_llm.config.schema import Config
 from hai_llm.layout import Layout, MeshGroups
+from hai_llm.model.transformer import init_parameters, materialize
 
 
 @dataclass
@@ -42,11 +57,13 @@ class Parallelized:
 
 
 def parallelize(model: nn.Module, layout: Layout, cfg: Config, mesh: Optional[MeshGroups] = None, *,
-                link=None) -> Parallelized:
-    """Apply ``layout`` to ``model`` (a full model built identically on every rank), in the
-    fixed order of the module docstring. ``mesh``: this rank's process groups
-    (``ParallelDims.build_mesh``); required unless the layout is a single rank. ``link``: an
-    optional link-emulation model for the EP transport (benchmarks)."""
+                link=None, device: Optional[torch.device | str] = None, seed: Optional[int] = None) -> Parallelized:
+    """Apply ``layout`` to ``model`` (a full model built identically on every rank, normally on
+    the meta device), in the fixed order of the module docstring. ``mesh``: this rank's process
+    groups (``ParallelDims.build_mesh``); required unless the layout is a single rank. ``link``: an
+    optional link-emulation model for the EP transport (benchmarks). ``device``: where to
+    materialise a meta model's kept parameters (None: leave them on meta, e.g. for a dry run);
+    ``seed``: their initialisation seed (default ``train.seed``)."""
     if mesh is None and layout.world_size > 1:
         raise ValueError(f"parallelize needs the process groups (mesh) of a {layout.world_size}-rank layout")
     out = Parallelized(model)
@@ -55,8 +72,17 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config, mesh: Optional[Me
         from hai_llm.fp8 import convert_to_fp8
 
         out.model = convert_to_fp8(out.model)
-    if mesh is None:
-        return out
+    if mesh is not None:
+        _structure(out, layout, cfg, mesh, link)
+    # 6. materialise and initialise what this rank keeps
+    if device is not None and any(p.is_meta for p in out.model.parameters()):
+        materialize(out.model, device)
+        init_parameters(out.model, cfg.model, cfg.train.seed if seed is None else seed)
+    return out
+
+
+def _structure(out: Parallelized, layout: Layout, cfg: Config, mesh: MeshGroups, link) -> None:
+    """Steps 2-5 (module docstring) on ``out`` in place."""
     rank = layout.coords(mesh.global_rank)
     # 2. stage split
     if layout.schedule is not None:
@@ -82,4 +108,3 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config, mesh: Optional[Me
 
         out.store = WeightGradStore()
         split_weight_grads(out.model, out.store)
-    return out

@@ -17,10 +17,12 @@ What it does on top of :class:`~hai_llm.runtime.mesh.MeshRuntime`:
 * ``forward_backward`` runs the schedule over the micro-batches of the rank's batch with the
   :class:`~hai_llm.pipeline.executor.PipelineExecutor` and returns the base Runtime's totals on
   EVERY rank: per-micro-batch ce / MTP and per-(micro-batch, MoE layer) balance values are
-  all-reduced over the pp group in one fixed-size ``[n_micro, 2 + n_global_moe]`` tensor (the
-  same size on every pipeline rank: a per-stage size would hang, REFERENCE.md sec. 6), then
-  combined exactly as ``Transformer.loss`` does, so the logged loss is bit-identical to a single
-  process run of the same micro-batches.  ``counts`` are the loads of this rank's own MoE layers.
+  all-reduced over the pp group in one fixed-size ``[n_micro, 2 + n_global_moe]`` float64 tensor
+  on the model's device (the same size on every pipeline rank: a per-stage size would hang,
+  docs/deepseek_v3.md#failure-modes), then combined exactly as
+  ``Transformer.loss`` does, so the logged loss is bit-identical to a single process run of the
+  same micro-batches; nothing is read back to the host (the trainer reads once per step).
+  ``counts`` are the loads of this rank's own MoE layers.
 * ``reduce_metrics``: loss terms averaged over dp x sp; loads summed over every rank holding the
   same stages (DualPipe: both copies, whose micro-batches are disjoint), so each copy applies
   the same bias update.
@@ -31,6 +33,12 @@ What it does on top of :class:`~hai_llm.runtime.mesh.MeshRuntime`:
   the full gradient, every element is owned by exactly one rank of the union (so the global
   norm counts it once) and the all-gather writes the same update into both copies.  The union
   groups are created with ``dist.new_group`` on every rank, in the same order.
+* P2P groups: one 2-rank group per DIRECTION of every pair of pipeline ranks that exchange
+  messages (the pairs come from the schedule's ``comm_plan``, ``executor.p2p_channels``), for
+  every pp group of the mesh, created once on every rank in one order; the executor sends each
+  message on the group of its direction and ``prepare_model`` opens them in that order
+  (``PipelineExecutor.connect``).  Why: one NCCL communicator per pair, shared by both
+  directions, deadlocks every schedule (``hai_llm.pipeline.nccl_replay``, docs/pipeline.md).
 """
 from __future__ import annotations
 
@@ -46,10 +54,11 @@ from hai_llm.layout.schedules import DualPipe
 from hai_llm.model.moe import expert_parameter_names
 from hai_llm.model.transformer import total_loss
 from hai_llm.parallel.zero import ReduceSpec
-from hai_llm.pipeline.executor import PipelineExecutor
+from hai_llm.pipeline.executor import PipelineExecutor, p2p_channels
 from hai_llm.pipeline.stage import PipelineModel
 
-from .mesh import MeshRuntime
+from .base import TERMS, divisor, with_terms
+from .mesh import MeshRuntime, reduce_totals
 from .parallelize import parallelize
 
 
@@ -60,7 +69,7 @@ class PipelineRuntime(MeshRuntime):
     supports_pipeline = True
 
     def __init__(self, cfg: Config, layout: Optional[Layout] = None, *, overlap: Optional[bool] = None,
-                 trace_dir: Optional[str] = None, link=None):
+                 trace_dir: Optional[str] = None, link=None, timing: Optional[bool] = None):
         super().__init__(cfg, layout)
         if self.layout.schedule is None:
             raise ValueError("PipelineRuntime needs parallel.pp > 1; MeshRuntime runs pp == 1")
@@ -69,6 +78,7 @@ class PipelineRuntime(MeshRuntime):
         self.overlap = cfg.parallel.overlap if overlap is None else overlap
         self.trace_dir = trace_dir if trace_dir is not None else (cfg.parallel.trace_dir or None)
         self.link = link
+        self.timing = timing  # step_s / comm_wait_s (None: executor default, off on CUDA)
         self.n_micro = self.schedule.n_micro
         self.pp_rank = self.coords["pp"]
         c = self.coords
@@ -77,6 +87,20 @@ class PipelineRuntime(MeshRuntime):
         self.executor: Optional[PipelineExecutor] = None
         self.transport = None
         self._build_copy_groups()
+        self._build_p2p_groups()
+
+    # -- P2P groups: one per direction of every linked pair of pipeline ranks ---------------
+    def _build_p2p_groups(self) -> None:
+        """``self.p2p_groups = {channel: 2-rank group}`` for this rank's pp group.  Collective:
+        every rank creates the groups of every pp group (channels in ``p2p_channels`` order,
+        pp groups in mesh order), so all ranks call ``dist.new_group`` identically."""
+        mine = self.dims.group_of("pp", self.rank)
+        self.p2p_groups: dict = {}
+        for channel, (src, dst) in p2p_channels(self.schedule):
+            for ranks in self.dims.group_ranks("pp"):
+                g = dist.new_group(sorted((ranks[src], ranks[dst])))
+                if ranks == mine and self.pp_rank in (src, dst):
+                    self.p2p_groups[channel] = g
 
     # -- process groups of duplicated parameters -------------------------------------------
     def _build_copy_groups(self) -> None:
@@ -109,13 +133,15 @@ class PipelineRuntime(MeshRuntime):
                 self.tied_embed = (g, ranks)
 
     # -- model -----------------------------------------------------------------------------
-    def prepare_model(self, model) -> PipelineModel:
-        done = parallelize(model, self.layout, self.cfg, self.mesh, link=self.link)
+    def prepare_model(self, model, device=None) -> PipelineModel:
+        done = parallelize(model, self.layout, self.cfg, self.mesh, link=self.link, device=device)
         pm, store, self.transport = done.model, done.store, done.transport
         self.expert_names = expert_parameter_names(pm)
         act_dtype = next(pm.parameters()).dtype
         self.executor = PipelineExecutor(pm, self.schedule, self.pp_rank, self.peers, act_dtype=act_dtype,
-                                         overlap=self.overlap, trace=self.trace_dir is not None, store=store)
+                                         overlap=self.overlap, trace=self.trace_dir is not None, store=store,
+                                         groups=self.p2p_groups, timing=self.timing)
+        self.executor.connect()  # opens the P2P communicators in one global order (NCCL: lazy, blocking)
         self.model = pm
         return pm
 
@@ -149,42 +175,38 @@ class PipelineRuntime(MeshRuntime):
         st = self.executor.run(mbs, pos, autocast)
         self.last_stats = st
         G = model.n_global_moe
-        V = torch.zeros(self.n_micro, 2 + G, dtype=torch.float64)
+        dev = batch.device
+        # [n_micro, 2 + G] float64 on the model's device (NCCL takes no CPU tensors): ce, mtp and
+        # the balance term of every (micro-batch, global MoE layer); each rank writes the terms it
+        # computed (device-to-device copies, no host read), zeros elsewhere
+        V = torch.zeros(self.n_micro, 2 + G, dtype=torch.float64, device=dev)
         for mb, v in st.ce.items():
-            V[mb, 0] = float(v)
-            V[mb, 1] = float(st.mtp[mb])
+            V[mb, 0] = v.detach()
+            V[mb, 1] = st.mtp[mb].detach()
         for (mb, gi), v in st.balance.items():
-            V[mb, 2 + gi] = float(v)
+            V[mb, 2 + gi] = v.detach()
         if self.dims.pp > 1:
             dist.all_reduce(V, group=self.pp_group)
-        totals = {"loss": 0.0, "ce": 0.0, "mtp": 0.0, "balance": 0.0}
         Vf = V.to(torch.float32)
-        for mb in range(self.n_micro):  # the model's own objective, on the gathered terms
-            ce, mtp = Vf[mb, 0], Vf[mb, 1]
-            loss, bal = total_loss(ce, mtp, [Vf[mb, 2 + gi] for gi in range(G)], args.mtp_lambda)
-            for k, v in (("loss", loss), ("ce", ce), ("mtp", mtp), ("balance", bal)):
-                totals[k] += float(v) / self.n_micro
-        totals["counts"] = st.counts
+        # the model's own objective on the gathered terms, for all micro-batches at once: the same
+        # elementwise float32 operations Transformer.loss runs on one micro-batch's scalars
+        ce, mtp = Vf[:, 0], Vf[:, 1]
+        loss, bal = total_loss(ce, mtp, [Vf[:, 2 + gi] for gi in range(G)], args.mtp_lambda)
+        per_mb = torch.stack([loss, ce, mtp, bal.expand(self.n_micro)], dim=1).double()  # TERMS order
+        terms = torch.zeros(len(TERMS), dtype=torch.float64, device=dev)
+        n = divisor(self.n_micro, dev)
+        for mb in range(self.n_micro):  # summed in micro-batch order, as the base runtime does
+            terms += per_mb[mb] / n
+        totals = with_terms(terms, st.counts)
         if self.trace_dir is not None:
             self.write_trace(self.trace_dir)
         return totals
 
     def reduce_metrics(self, totals: dict) -> dict:
-        out = dict(totals)
-        if self.n_dp_sp > 1:
-            keys = ["loss", "ce", "mtp", "balance"]
-            vec = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
-            dist.all_reduce(vec, group=self.mesh.group("dp_sp"))
-            out.update({k: float(v) / self.n_dp_sp for k, v in zip(keys, vec)})
-        counts = totals["counts"]
-        if counts is not None:
-            group = self.copy_dense[0] if self.copy_dense is not None else \
-                (self.mesh.group("dp_sp") if self.n_dp_sp > 1 else None)
-            if group is not None:
-                counts = counts.clone()
-                dist.all_reduce(counts, group=group)
-        out["counts"] = counts
-        return out
+        dp_sp = self.mesh.group("dp_sp") if self.n_dp_sp > 1 else None
+        # loads: summed over every rank holding the same stages (DualPipe: both copies)
+        counts_group = self.copy_dense[0] if self.copy_dense is not None else dp_sp
+        return reduce_totals(totals, dp_sp, self.n_dp_sp, counts_group)
 
     # -- traces ----------------------------------------------------------------------------
     def write_trace(self, out_dir) -> Optional[Path]:

@@ -37,6 +37,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``train.precision`` with ``auto`` resolved: bf16 autocast on CUDA (the fast path of every
+    GEMM, grouped GEMMs included), fp32 on CPU (no bf16 speed-up there, and exact CPU tests)."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -49,7 +57,9 @@ class StepResult:
     balance: float
     grad_norm: float
     skipped: bool
-    expert_load: torch.Tensor | None  # [L, E] tokens per expert over the global batch
+    expert_load: torch.Tensor | None  # [L, E] tokens per expert over the global batch (on the device)
+    load_max_over_mean: float | None = None  # mean over layers of max/mean expert load
+    load_worst_layer: float | None = None  # the largest max/mean over layers
 
 
 class Trainer:
@@ -59,18 +69,24 @@ class Trainer:
         self.out_dir = Path(out_dir or cfg.train.out_dir)
         self.device = pick_device(cfg.train.device)
         t = cfg.train
+        self.precision = resolve_precision(t.precision, self.device)
+        if self.device.type == "cuda":
+            # fp32 matmuls (fp32 runs, and what autocast leaves in fp32) may use TF32 tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.local_batch = self.rt.layout.local_batch
         self.n_micro = self.rt.layout.n_micro
         torch.manual_seed(t.seed)
-        model = build_model(cfg.model, device=self.device, seed=t.seed)
-        self.model = self.rt.prepare_model(model)  # FP8, stages, sp, ep, B/W split: parallelize()
+        # built on meta: parallelize() materialises and initialises only this rank's share
+        # (stages, expert rows), with the values build_model(cfg.model, device, seed) would give
+        self.model = self.rt.prepare_model(build_model(cfg.model, device="meta"), device=self.device)
         self.dataset = TokenDataset(self._data_path())
         self.dataset.check_vocab(cfg.model.vocab_size)
         self.sampler = SequenceSampler(self.dataset, cfg.data.seq_len, t.global_batch, dp_rank=self.rt.dp_rank,
                                        dp_world=self.rt.dp_world, seed=t.seed,
                                        extra_tokens=1 + cfg.model.n_mtp_layers)
         self.optimizer = self.rt.build_optimizer(self.model, cfg)
-        self.ema = CPUEma(self.model, t.ema_decay) if t.ema_decay > 0 else None
+        self.ema = CPUEma(self.optimizer, t.ema_decay) if t.ema_decay > 0 else None
         self.step = 0
         self.tokens_per_s = 0.0
         self.bad_in_a_row = 0
@@ -94,7 +110,7 @@ class Trainer:
         return out
 
     def _autocast(self):
-        if self.cfg.train.precision == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
@@ -132,19 +148,33 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------
     def train_step(self) -> StepResult:
         cfg = self.cfg
-        batch = self.sampler.next_batch().to(self.device)
+        batch = self.sampler.next_batch()
+        if self.device.type == "cuda":  # pinned: an asynchronous copy, queued behind the last step
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        else:
+            batch = batch.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         tot = self.rt.reduce_metrics(self.rt.forward_backward(self.model, batch, self.n_micro, self._autocast))
-        grad_norm = self.optimizer.reduce_gradients()
-        finite = math.isfinite(tot["loss"]) and math.isfinite(grad_norm)
+        norm = self.optimizer.reduce_gradients()
+        load = tot["counts"]
+        # THE host read of the step: loss terms, gradient norm and load statistics, one small
+        # float64 tensor, one copy. It must come before the optimizer step, because a non-finite
+        # step must not touch weights, moments, step counts, routing biases or the EMA (doing
+        # the check on the device would mean masking every one of those updates); and it
+        # costs little there, since forward, backward and the gradient reduce-scatter are
+        # already queued and the optimizer step needs all of them done anyway. Everything the
+        # runtime and the optimizer computed before this point stayed on the device.
+        vals = torch.cat([tot["terms"], norm.reshape(1), _load_stats(load, norm.device)]).tolist()
+        loss, ce, mtp, balance, grad_norm = vals[:5]
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.clip(grad_norm, cfg.optim.grad_clip)
             set_lr(self.optimizer, lr_at(self.step, cfg.train.steps, cfg.optim))
             self.optimizer.step()
-            if cfg.train.bias_update and tot["counts"] is not None:
-                self.model.update_expert_bias(tot["counts"].float())
+            if cfg.train.bias_update and load is not None:
+                self.model.update_expert_bias(load.float())
             if self.ema is not None:
-                self.ema.update(self.model)
+                self.ema.update()
             self.bad_in_a_row = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -153,11 +183,12 @@ class Trainer:
             if self.bad_in_a_row >= cfg.train.max_bad_steps:
                 raise NonFiniteLossError(
                     f"step {self.step}: loss or gradient norm was non-finite for {self.bad_in_a_row} steps in a "
-                    f"row (loss={tot['loss']}, grad_norm={grad_norm}); lower optim.lr, enable optim.grad_clip, "
+                    f"row (loss={loss}, grad_norm={grad_norm}); lower optim.lr, enable optim.grad_clip, "
                     f"or raise train.max_bad_steps (now {cfg.train.max_bad_steps})")
         self.step += 1
-        return StepResult(loss=tot["loss"], ce=tot["ce"], mtp=tot["mtp"], balance=tot["balance"],
-                          grad_norm=grad_norm, skipped=not finite, expert_load=tot["counts"])
+        stats = vals[5:] if load is not None else (None, None)
+        return StepResult(loss=loss, ce=ce, mtp=mtp, balance=balance, grad_norm=grad_norm, skipped=not finite,
+                          expert_load=load, load_max_over_mean=stats[0], load_worst_layer=stats[1])
 
     # -- loop ------------------------------------------------------------------------------
     def fit(self) -> list[StepResult]:
@@ -190,9 +221,17 @@ class Trainer:
     def _metrics(r: StepResult) -> dict:
         m = {"loss": r.loss, "ce": r.ce, "mtp": r.mtp, "balance": r.balance, "grad_norm": r.grad_norm,
              "skipped": int(r.skipped)}
-        if r.expert_load is not None:
-            load = r.expert_load.float()
-            ratio = load.max(-1).values / load.mean(-1).clamp_min(1e-9)
-            m["expert_load_max_over_mean"] = float(ratio.mean())
-            m["expert_load_worst_layer"] = float(ratio.max())
+        if r.load_max_over_mean is not None:
+            m["expert_load_max_over_mean"] = r.load_max_over_mean
+            m["expert_load_worst_layer"] = r.load_worst_layer
         return m
+
+
+def _load_stats(load: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """[mean over layers of max/mean expert load, its max over layers] as float64 on ``device``
+    (empty without MoE layers): computed in fp32 like the logged values always were."""
+    if load is None:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    load = load.float()
+    ratio = load.max(-1).values / load.mean(-1).clamp_min(1e-9)
+    return torch.stack([ratio.mean(), ratio.max()]).double()
