@@ -10,7 +10,6 @@ hold is the memory column: optimizer state per rank falls as 1/(dp*sp).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile

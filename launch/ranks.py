@@ -60,12 +60,16 @@ def check_layout(cfg: Config):
 
 def _train_rank(rank: int, world: int, cfg: Config) -> dict:
     """Body of one rank (process group already initialised)."""
+    from hai_llm.parallel.gloo_staging import simulated_rank_staging
     from hai_llm.runtime import build_runtime
     from hai_llm.train.trainer import Trainer
 
-    runtime = build_runtime(cfg, build_layout(cfg, world))
-    trainer = Trainer(cfg, runtime=runtime, out_dir=Path(cfg.train.out_dir))
-    results = trainer.fit()
+    # simulated gloo ranks on CUDA: all share cuda:0, collectives staged through host memory
+    # (gloo lacks reduce-scatter / all-to-all / P2P on CUDA tensors); a no-op under torchrun
+    with simulated_rank_staging(cfg.train.device):
+        runtime = build_runtime(cfg, build_layout(cfg, world))
+        trainer = Trainer(cfg, runtime=runtime, out_dir=Path(cfg.train.out_dir))
+        results = trainer.fit()
     return _summary(trainer, results)
 
 

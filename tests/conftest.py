@@ -4,34 +4,28 @@
   model source text), built once per session in a temp folder, so no test touches the
   stdlib cache in ``data_cache/``.
 * ``tiny_args``: the ``tiny`` model config (``configs/model/tiny.yaml``).
-* ``make_config``: a validated :class:`Config` for fast CPU training (tiny model, seq_len 32,
-  global_batch 4, micro_batch 2, 3 steps, no wandb / progress bar / plot), taking dotted
-  overrides such as ``make_config(tmp_path, "train.steps=6", "train.ema_decay=0.9")``.
+* ``make_config``: ``helpers.fast_config`` bound to ``corpus_dir``: a validated :class:`Config`
+  for fast CPU training (tiny model, seq_len 32, global_batch 4, micro_batch 2, 3 steps, no
+  wandb / progress bar / plot), taking dotted overrides such as
+  ``make_config(tmp_path, "train.steps=6", "train.ema_decay=0.9")``.
 
-The ``slow`` marker is registered here; deselect with ``-m "not slow"``.
+Helpers shared by several test files live in ``helpers.py``; markers (``slow``, ``dist``) and
+warning filters are registered once, in pytest.ini.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+
+from helpers import fast_config  # noqa: E402  (tests/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Two cores are shared by several processes: one intra-op thread keeps timings stable and
 # the float reductions deterministic.
 torch.set_num_threads(1)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes longer than ~15 s (deselect with -m 'not slow')")
-    # float(loss) on a graph tensor (trainer metrics, test comparisons) and DCP saving
-    # without a process group are expected here
-    config.addinivalue_line("filterwarnings", "ignore:Converting a tensor with requires_grad=True to a scalar")
-    config.addinivalue_line("filterwarnings", "ignore:torch.distributed is disabled")
 
 
 @pytest.fixture(scope="session")
@@ -54,27 +48,9 @@ def tiny_args():
     return load_model_args("tiny")
 
 
-def build_config(out_dir: str | os.PathLike, data_path: str | os.PathLike, *overrides: str):
-    """A validated Config: tiny model, seq_len 32, global_batch 4, micro_batch 2, 3 steps."""
-    from hai_llm.config.load import config_dir
-    from hai_llm.config.schema import Config, to_config
-
-    base = OmegaConf.structured(Config)
-    model = OmegaConf.load(config_dir() / "model" / "tiny.yaml")
-    fast = OmegaConf.from_dotlist([
-        f"data.path={data_path}", "data.seq_len=32",
-        "train.steps=3", "train.global_batch=4", "train.micro_batch=2", "train.device=cpu",
-        "train.precision=fp32", f"train.out_dir={out_dir}", "train.seed=1234",
-        "optim.warmup_steps=2",
-        "logging.wandb=disabled", "logging.progress=false", "logging.plot=false",
-    ])
-    cfg = OmegaConf.merge(base, {"model": model}, fast, OmegaConf.from_dotlist(list(overrides)))
-    return to_config(cfg)
-
-
 @pytest.fixture
 def make_config(corpus_dir):
     def make(out_dir, *overrides: str):
-        return build_config(out_dir, corpus_dir, *overrides)
+        return fast_config(out_dir, corpus_dir, *overrides)
 
     return make

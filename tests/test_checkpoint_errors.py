@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
-from test_hf_interop import hf_model, our_model, tiny_args, tiny_hf_config  # noqa: E402
+from helpers import hf_model, interop_args, our_model, tiny_hf_config  # noqa: E402
 
 from hai_llm.interop import (CheckpointMismatchError, DamagedCheckpointError, args_from_hf_config,  # noqa: E402
                              load_hf_checkpoint, save_hf_checkpoint)
@@ -21,7 +21,7 @@ from hai_llm.model.transformer import build_model  # noqa: E402
 @pytest.fixture
 def sharded(tmp_path):
     """A per-expert checkpoint in several shards, and a model to load it into."""
-    args = tiny_args(n_mtp_layers=0)
+    args = interop_args(n_mtp_layers=0)
     paths = save_hf_checkpoint(our_model(args), tmp_path, max_shard_bytes=200_000, expert_layout="per_expert")
     assert len(paths) > 2
     return tmp_path, paths, build_model(args, device="cpu")
@@ -70,7 +70,7 @@ def test_missing_expert_names_hf_keys_and_index(sharded):
 
 
 def test_missing_fused_expert_names_both_layouts(tmp_path):
-    args = tiny_args(n_mtp_layers=0)
+    args = interop_args(n_mtp_layers=0)
     save_hf_checkpoint(our_model(args), tmp_path)  # fused layout, one file
     f = tmp_path / "model.safetensors"
     sd = load_file(str(f))
@@ -99,7 +99,7 @@ def test_config_with_mtp_but_no_mtp_weights_offers_n_mtp_layers_0(tmp_path):
 
 
 def test_nonfinite_values_are_reported(tmp_path):
-    args = tiny_args(n_mtp_layers=0)
+    args = interop_args(n_mtp_layers=0)
     save_hf_checkpoint(our_model(args), tmp_path)
     f = tmp_path / "model.safetensors"
     sd = load_file(str(f))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from hai_llm.parallel.spawn import run_ranks
 from hai_llm.train.trainer import Trainer
-from parallel_cases import fit_rank, make_config
+from helpers import fit_rank, layout_config
 
 
 def _with(cfg, steps, **parallel):
@@ -15,8 +17,9 @@ def _with(cfg, steps, **parallel):
                                parallel=dataclasses.replace(cfg.parallel, **parallel))
 
 
+@pytest.mark.dist
 def test_resume_across_layouts(corpus_dir, tmp_path):
-    base = make_config(str(corpus_dir), str(tmp_path / "straight"), steps=4)
+    base = layout_config(str(corpus_dir), str(tmp_path / "straight"), steps=4)
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, ema_decay=0.5))
     straight = [r.loss for r in Trainer(base).fit()]
 

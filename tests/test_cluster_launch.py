@@ -32,7 +32,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -94,6 +93,7 @@ esac
     return r, srun
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("env, nproc", [
     ({"SLURM_GPUS_ON_NODE": "4"}, "4"),                             # --gpus-per-node=4 / --gres=gpu:4
     ({"SLURM_JOB_GPUS": "0,1,2"}, "3"),                             # GPUs listed, no count
@@ -115,6 +115,7 @@ def test_sbatch_finds_launcher_and_sizes_nodes(tmp_path, env, nproc):
     assert job_env.get("GPUS_PER_NODE") == env.get("GPUS_PER_NODE")  # never set for the user
 
 
+@pytest.mark.dist
 def test_sbatch_user_settings_win(tmp_path):
     own = tmp_path / "own run"
     r, srun = _run_sbatch_copy(tmp_path, ["model=tiny", f"train.out_dir={own}"], MASTER_PORT="31000")
@@ -124,11 +125,13 @@ def test_sbatch_user_settings_win(tmp_path):
     assert "MASTER_PORT=31000" in (tmp_path / "srun.env").read_text()
 
 
+@pytest.mark.dist
 def test_sbatch_outside_slurm_says_so():
     r = subprocess.run(["bash", str(SBATCH)], env=_clean_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "submit it with sbatch" in r.stderr
 
 
+@pytest.mark.dist
 def test_multinode_passes_node_size_to_torchrun(tmp_path):
     _stub(tmp_path, "python", 'if [[ $1 == -c ]]; then echo 1; else printf "%s\\n" "$@" > "$PY_ARGS"; '
                               'echo "$OMP_NUM_THREADS $ACTIVATED" > "$PY_ENV"; fi\n')
@@ -151,6 +154,7 @@ def test_multinode_passes_node_size_to_torchrun(tmp_path):
     assert args[args.index("--nproc-per-node") + 1] == "4" and "parallel.gpus_per_node=4" in args and omp == "2"
 
 
+@pytest.mark.dist
 def test_readme_shows_the_tested_commands():
     text = (REPO / "README.md").read_text().replace("\\\n", " ")
     two_nodes = " ".join([*(f"{k}={v}" for k, v in TWO_NODES_ENV.items()), "launch/scripts/multinode.sh",
@@ -206,6 +210,7 @@ def _stop(procs) -> None:
             p.wait()
 
 
+@pytest.mark.dist
 @pytest.mark.slow  # ~50 s on 2 busy cores: 2 torchrun agents + 4 ranks importing torch
 def test_two_nodes_on_localhost(tmp_path, corpus_dir):
     probe, work, out = tmp_path / "probe", tmp_path / "work", tmp_path / "out"
@@ -418,6 +423,7 @@ def _wait_job(slurm: LocalSlurm, job_id: str, done, timeout: float) -> dict:
     raise AssertionError(f"job {job_id} not done in {timeout} s: {slurm.job(job_id)}\n{slurm.tail()}")
 
 
+@pytest.mark.dist
 @pytest.mark.slow  # ~100 s on 2 busy cores: two attempts of a 2-rank torchrun job
 def test_slurm_job_trains_and_resumes_when_requeued(slurm, tmp_path, corpus_dir):
     submit = tmp_path / "elsewhere"  # not the repository: the script must find multinode.sh

@@ -5,8 +5,10 @@ reduce-scatter): ``comm`` looks the torch function up at call time, so the recor
 applies. ONE spawn: 2 gloo ranks, sp=2 (the dp x sp group of ZeRO is the same two ranks)."""
 from __future__ import annotations
 
+import pytest
+
 from hai_llm.parallel.spawn import run_ranks
-from parallel_cases import make_config
+from helpers import layout_config
 
 
 def traced_train_step(rank: int, world: int, cfg) -> list:
@@ -21,10 +23,11 @@ def traced_train_step(rank: int, world: int, cfg) -> list:
     return rec.traces.get(rank, [])
 
 
+@pytest.mark.dist
 def test_recorder_sees_zero_and_sequence_parallel_collectives(corpus_dir, tmp_path):
     from hai_llm.parallel.collective_trace import check_consistent
 
-    cfg = make_config(str(corpus_dir), str(tmp_path), steps=1, global_batch=2, micro_batch=1,
+    cfg = layout_config(str(corpus_dir), str(tmp_path), steps=1, global_batch=2, micro_batch=1,
                       parallel=dict(nprocs=2, sp=2))
     traces = dict(enumerate(run_ranks(traced_train_step, 2, cfg, timeout=300)))
     assert check_consistent(traces).ok

@@ -25,13 +25,13 @@ import dataclasses
 import pytest
 
 from hai_llm.parallel.spawn import run_ranks
-from parallel_cases import make_config
+from helpers import layout_config
 
 MODEL = ["n_layers=2", "n_dense_layers=1"]  # one dense and one MoE block: every path, least compute
 
 
 def _cfg(data, out, steps, global_batch=4, ema=0.0, **parallel):
-    cfg = make_config(str(data), str(out), steps=steps, model_overrides=MODEL, parallel=parallel,
+    cfg = layout_config(str(data), str(out), steps=steps, model_overrides=MODEL, parallel=parallel,
                       global_batch=global_batch)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=ema, resume=True))
 
@@ -84,7 +84,7 @@ def test_zero_and_expert_parallel_on_the_model_device(corpus_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- no spawn
 def _node_cfg(tmp_path, gpn):
-    return make_config(str(tmp_path), str(tmp_path), parallel=dict(nprocs=1, dp=8, ep=4, gpus_per_node=gpn))
+    return layout_config(str(tmp_path), str(tmp_path), parallel=dict(nprocs=1, dp=8, ep=4, gpus_per_node=gpn))
 
 
 @pytest.fixture
@@ -98,6 +98,7 @@ def torchrun_env(monkeypatch):
     return monkeypatch
 
 
+@pytest.mark.dist
 def test_gpus_per_node_auto_takes_torchruns_node(tmp_path, torchrun_env):
     from hai_llm.launch.ranks import check_layout
 
@@ -108,6 +109,7 @@ def test_gpus_per_node_auto_takes_torchruns_node(tmp_path, torchrun_env):
     assert check_layout(_node_cfg(tmp_path, 0)).dims.n_nodes == 2
 
 
+@pytest.mark.dist
 def test_gpus_per_node_mismatch_with_torchrun_is_refused(tmp_path, torchrun_env):
     from hai_llm.launch.ranks import check_layout
 
@@ -116,6 +118,7 @@ def test_gpus_per_node_mismatch_with_torchrun_is_refused(tmp_path, torchrun_env)
         check_layout(_node_cfg(tmp_path, 4))
 
 
+@pytest.mark.dist
 def test_gpus_per_node_of_simulated_ranks(tmp_path, monkeypatch):
     """Simulated ranks (and torchrun's variables inside them, HAI_LLM_SIMULATED set) keep the
     configured virtual nodes; auto is one 8-GPU node."""
@@ -131,6 +134,7 @@ def test_gpus_per_node_of_simulated_ranks(tmp_path, monkeypatch):
             resolve_gpus_per_node(bad, {})
 
 
+@pytest.mark.dist
 def test_parallel_groups_keep_virtual_nodes_and_follow_torchrun(monkeypatch):
     """configs/parallel/*.yaml: virtual nodes when simulated, the real node under torchrun."""
     from omegaconf import OmegaConf

@@ -222,6 +222,7 @@ SMALL = StepSpec(world_size=4, pp=2, dp=2, sp=1, ep=2, gpus_per_node=8, schedule
                  top_k=2, n_experts=4)
 
 
+@pytest.mark.dist
 def test_real_gloo_step_is_consistent_and_matches_the_fake_simulation():
     """ONE spawn: 4 gloo ranks (pp2 x dp2, ep2, DualPipe) run the layout's step for real."""
     from hai_llm.parallel.spawn import run_ranks

@@ -397,21 +397,25 @@ def ranks():
     return results
 
 
+@pytest.mark.dist
 def test_ep2_matches_single_process(ranks):
     for rank, r in enumerate(ranks):
         _check_against_reference(r["ep2"], f"ep2 rank {rank}")
 
 
+@pytest.mark.dist
 def test_ep4_matches_single_process(ranks):
     for rank, r in enumerate(ranks):
         _check_against_reference(r["ep4"], f"ep4 rank {rank}")
 
 
+@pytest.mark.dist
 def test_ep2_edp2_matches_single_process(ranks):
     for rank, r in enumerate(ranks):
         _check_against_reference(r["edp"], f"ep2 x edp2 rank {rank}")
 
 
+@pytest.mark.dist
 def test_flat_and_hierarchical_bit_identical(ranks):
     for rank, r in enumerate(ranks):
         assert r["ep2"]["bit_identical"], f"rank {rank}: 2 nodes x 1 rank"
@@ -419,11 +423,13 @@ def test_flat_and_hierarchical_bit_identical(ranks):
         assert r["node_limited_equal"] and r["bf16_equal"] and r["fp8_transport_equal"], rank
 
 
+@pytest.mark.dist
 def test_global_load_and_bias(ranks):
     _check_bias(ranks, "ep2")
     _check_bias(ranks, "ep4")
 
 
+@pytest.mark.dist
 def test_node_limited_cross_node_copies(ranks):
     El, L, D = 2, 2, _args().dim
     T = ranks[0]["idx"].shape[0]
@@ -453,6 +459,7 @@ def test_node_limited_cross_node_copies(ranks):
     assert tot["hier_intra"] >= tot["flat_intra"]
 
 
+@pytest.mark.dist
 def test_local_tokens_never_leave_and_exact_bytes(ranks):
     D = _args().dim
     for r in ranks:
@@ -469,11 +476,13 @@ def test_local_tokens_never_leave_and_exact_bytes(ranks):
         assert r["hier_mixed_stats"]["combine"]["inter_bytes"] == half * 4 * D  # pre-summed per node
 
 
+@pytest.mark.dist
 def test_async_handles(ranks):
     for r in ranks:
         assert r["async_equal"] and r["async2_err"] < 1e-6
 
 
+@pytest.mark.dist
 def test_link_emulation(ranks):
     for r in ranks:
         for name in ("flat", "hier"):
@@ -488,6 +497,7 @@ def test_link_emulation(ranks):
         assert delay > 0.29 and delay <= total and slept < 0.01 * delay, (total, delay, slept)
 
 
+@pytest.mark.dist
 def test_fp8_dispatch(ranks):
     for r in ranks:
         assert r["fp8_err"][0] < 5e-2 and max(r["fp8_err"]) < 1e-1, r["fp8_err"]  # e4m3: 3 mantissa bits
@@ -496,5 +506,6 @@ def test_fp8_dispatch(ranks):
         assert 0 < fp8_bytes < full_bytes / 3
 
 
+@pytest.mark.dist
 def test_triton_data_movement_same_bits(ranks):
     assert all(r["triton_equal"] for r in ranks)

@@ -101,6 +101,7 @@ def _reference(case):
     return model, tokens, out
 
 
+@pytest.mark.dist
 def test_mtp_under_sequence_parallelism_matches_one_process(ranks):
     model, tokens, out = _reference(_sp_case)
     ref_vals = torch.stack([out.loss.detach(), out.ce, out.mtp])
@@ -116,6 +117,7 @@ def test_mtp_under_sequence_parallelism_matches_one_process(ranks):
         assert (model.mtp[0](h, emb, rope) - model.mtp[0](model.norm(h), emb, rope)).abs().max() > 1e-2
 
 
+@pytest.mark.dist
 def test_expert_parallel_odd_sizes_matches_one_process(ranks):
     model, _, out = _reference(_ep_case)
     ref = {n: p.grad for n, p in model.named_parameters()}

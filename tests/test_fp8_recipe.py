@@ -494,6 +494,7 @@ TRITON_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.dist
 def test_triton_interpreter_matches_torch_reference():
     """Fp8Linear and Fp8GroupedExperts fwd + bwd through the Triton kernels (CPU interpreter; the
     variable must be set before triton is imported, hence the subprocess) vs the torch path."""
@@ -524,7 +525,7 @@ def fp8_rank_body(rank: int, world: int, cases: list) -> list[dict]:
     """Train each config on this rank; a failing layout reports its traceback instead."""
     import traceback
 
-    from parallel_cases import run_steps
+    from helpers import run_steps
 
     from hai_llm.train.trainer import Trainer
 
@@ -551,13 +552,13 @@ def fp8_rank_body(rank: int, world: int, cases: list) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def fp8_parallel_runs(corpus_dir, tmp_path_factory):
-    from parallel_cases import make_config, single_process
+    from helpers import layout_config, single_process
 
     from hai_llm.parallel.spawn import run_ranks
 
     tmp = tmp_path_factory.mktemp("fp8_par")
-    ref = single_process(make_config(str(corpus_dir), str(tmp / "single"), **PAR_KW))
-    cfgs = [(make_config(str(corpus_dir), str(tmp / name), parallel=lay, **PAR_KW),
+    ref = single_process(layout_config(str(corpus_dir), str(tmp / "single"), **PAR_KW))
+    cfgs = [(layout_config(str(corpus_dir), str(tmp / name), parallel=lay, **PAR_KW),
              name.endswith("deferred-wgrad")) for name, lay in PAR_LAYOUTS.items()]
     per_rank = run_ranks(fp8_rank_body, 2, cfgs, timeout=900)
     return ref, {name: [r[i] for r in per_rank] for i, name in enumerate(PAR_LAYOUTS)}
@@ -568,6 +569,7 @@ def _no_error(name, results):
         assert "error" not in r, f"{name} failed:\n{r['error']}"
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_fp8_dp_and_pipeline_layouts_match_single_process(fp8_parallel_runs):
     """Same micro-batches -> the same FP8 tiles (1x128 per token, 128x1 over each micro-batch's
@@ -591,6 +593,7 @@ def test_fp8_dp_and_pipeline_layouts_match_single_process(fp8_parallel_runs):
                 assert abs(a - b) <= (1e-5 if s == 0 else 5e-4) * b, (name, s, r["norms"], ref["norms"])
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_fp8_expert_parallel_close_to_single_process(fp8_parallel_runs):
     """Under EP an expert's rows come from several ranks' micro-batches, so its 128-token Wgrad

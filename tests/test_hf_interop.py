@@ -3,77 +3,24 @@ equal to an independent implementation on the same weights (routing bias, expert
 all active), bit-exact save/load round trips in both expert layouts, DeepSeek's FP8 release format,
 and the error messages of a checkpoint that does not fit."""
 import json
-import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+from transformers import DeepseekV3ForCausalLM  # noqa: E402
 
 from hai_llm.interop.hf import (  # noqa: E402
     CheckpointMismatchError, args_from_hf_config, check_config_matches, convert_state_dict_from_hf,
     convert_state_dict_to_hf, hf_config_from_args, load_hf_checkpoint, save_hf_checkpoint)
 from hai_llm.model.args import ModelArgs  # noqa: E402
 from hai_llm.model.transformer import build_model  # noqa: E402
-
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
-
-
-def tiny_hf_config(q_lora_rank=48, n_mtp=0, **kw) -> DeepseekV3Config:
-    # 8 experts in 4 groups, 2 groups kept, top-2; 1 dense + 2 MoE layers; YaRN stretched 64 -> 256
-    base = dict(vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
-                n_routed_experts=8, kv_lora_rank=32, q_lora_rank=q_lora_rank, qk_rope_head_dim=16,
-                v_head_dim=16, qk_nope_head_dim=16, n_group=4, topk_group=2, num_experts_per_tok=2,
-                first_k_dense_replace=1, max_position_embeddings=256, rope_parameters=dict(YARN),
-                num_nextn_predict_layers=n_mtp)
-    base.update(kw)
-    return DeepseekV3Config(**base)
-
-
-@torch.no_grad()
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Larger-than-default weights so routing is far from uniform, norms away from 1, and a small
-    non-zero routing bias (0.02 randn keeps it a correction, not the whole decision)."""
-    g = torch.Generator().manual_seed(seed)
-    for n, p in module.named_parameters():
-        if n.endswith("norm.weight"):
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(0.08 * torch.randn(p.shape, generator=g))
-    for n, b in module.named_buffers():
-        if "e_score_correction_bias" in n or n.endswith("gate.bias"):
-            b.copy_(0.02 * torch.randn(b.shape, generator=g))
-
-
-def hf_model(cfg: DeepseekV3Config, seed: int = 0) -> DeepseekV3ForCausalLM:
-    torch.manual_seed(seed)
-    m = DeepseekV3ForCausalLM(cfg).eval()
-    randomize(m, seed)
-    return m
-
-
-def tiny_args(**kw) -> ModelArgs:
-    base = dict(name="tiny", vocab_size=300, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=3, n_dense_layers=1,
-                n_heads=4, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
-                n_limited_groups=2, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
-                v_head_dim=16, max_seq_len=256, original_seq_len=64, rope_factor=4.0, n_mtp_layers=1, init_std=0.02)
-    base.update(kw)
-    return ModelArgs(**base)
-
-
-def our_model(args: ModelArgs, seed: int = 1):
-    m = build_model(args, device="cpu", seed=seed)
-    randomize(m, seed)
-    return m.eval()
-
+from helpers import YARN, hf_model, interop_args, our_model, randomize, tiny_hf_config  # noqa: E402
 
 # ------------------------------------------------------------------------------------ config
 def test_config_round_trip_and_deepseek_v3_json():
-    for args in (tiny_args(), tiny_args(q_lora_rank=0, max_seq_len=64, n_mtp_layers=0), ModelArgs()):
+    for args in (interop_args(), interop_args(q_lora_rank=0, max_seq_len=64, n_mtp_layers=0), ModelArgs()):
         hf = hf_config_from_args(args)
         check_config_matches(args, hf)  # raises naming any field that computes differently
         assert args_from_hf_config(hf).n_mtp_layers == args.n_mtp_layers
@@ -184,7 +131,7 @@ def test_mtp_matches_transformers_mtp_model(n_mtp):
 # ----------------------------------------------------------------------------- save / load
 @pytest.mark.parametrize("layout", ["fused", "per_expert"])
 def test_round_trip_bit_exact_with_mtp_and_shards(tmp_path, layout):
-    args = tiny_args()
+    args = interop_args()
     src = our_model(args, seed=1)
     paths = save_hf_checkpoint(src, tmp_path, max_shard_bytes=200_000, expert_layout=layout)
     assert len(paths) > 2
@@ -201,7 +148,7 @@ def test_round_trip_bit_exact_with_mtp_and_shards(tmp_path, layout):
 
 
 def test_transformers_reads_our_checkpoint(tmp_path):
-    args = tiny_args(n_mtp_layers=0)
+    args = interop_args(n_mtp_layers=0)
     ours = our_model(args, seed=3)
     save_hf_checkpoint(ours, tmp_path)
     hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
@@ -213,12 +160,12 @@ def test_transformers_reads_our_checkpoint(tmp_path):
 
 
 def test_mtp_shared_copies_written_and_verified(tmp_path):
-    ours = our_model(tiny_args(), seed=4)
+    ours = our_model(interop_args(), seed=4)
     save_hf_checkpoint(ours, tmp_path, mtp_shared_copies=True, dtype=torch.bfloat16)
     shard = load_file(str(tmp_path / "model.safetensors"))
     assert shard["model.layers.3.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert shard["model.layers.3.embed_tokens.weight"].dtype == torch.bfloat16
-    fresh = build_model(tiny_args(), device="cpu")
+    fresh = build_model(interop_args(), device="cpu")
     assert len(load_hf_checkpoint(fresh, tmp_path).shared_copies) == 2
     shard["model.layers.3.shared_head.head.weight"] += 1
     save_file(shard, str(tmp_path / "model.safetensors"))
@@ -248,7 +195,7 @@ def test_fp8_release_format_is_dequantized():
 
 # ---------------------------------------------------------------------------------- errors
 def test_clear_errors(tmp_path):
-    args = tiny_args(n_mtp_layers=0)
+    args = interop_args(n_mtp_layers=0)
     save_hf_checkpoint(our_model(args), tmp_path)
     f = tmp_path / "model.safetensors"
     good = load_file(str(f))

@@ -314,6 +314,7 @@ def test_read_kind_classifies_reads():
                      "repeat_interleave", "bool-mask __setitem__"], kinds
 
 
+@pytest.mark.dist
 def test_single_layer_one_read_per_dispatch(ranks):
     """The budget on one EP layer: the dispatch's single read (its plan's sizes, one
     ``tolist``) is in the launch, nothing is read while routing, beginning the dispatch,
@@ -325,6 +326,7 @@ def test_single_layer_one_read_per_dispatch(ranks):
             assert not others, (rank, name, others)
 
 
+@pytest.mark.dist
 def test_debug_checks_only_behind_the_flag(ranks):
     for r in ranks:
         d = r["debug"]
@@ -332,12 +334,14 @@ def test_debug_checks_only_behind_the_flag(ranks):
         assert d["rejected"] is not None and "expert ids must lie in [0, 8)" in d["rejected"], d
 
 
+@pytest.mark.dist
 def test_transport_picks_triton_by_device(ranks):
     for r in ranks:
         # None -> the torch reference for CPU tensors (Triton for CUDA ones); True still wins
         assert r["triton_choice"] == (False, True)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("kind", ["flat", "hierarchical"])
 def test_dualpipe_fb_pieces_read_only_in_launches(ranks, kind):
     """A real overlapped DualPipeV step: one read per dispatch, each in a launch step; inside an

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 ROOTS = {"hai_llm": REPO / "hai_llm", "hai_llm.kernels": REPO / "kernels", "hai_llm.launch": REPO / "launch"}
 
@@ -115,6 +117,7 @@ PROBE = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
          "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('hai_llm.'))))")
 
 
+@pytest.mark.dist
 def test_fresh_interpreter_sees_no_upward_import():
     """What Python really loads, for the packages whose layering the redesign broke cycles in."""
     cases = {"hai_llm.parallel.zero": ["train", "runtime", "pipeline"],

@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from hai_llm.parallel.spawn import run_ranks
-from parallel_cases import make_config
+from helpers import layout_config
 
 SLACK = 64 * 1024  # RoPE tables computed on the host, small collectives' buffers
 
 
 def _cases(tmp):
     return [
-        make_config(str(tmp), str(tmp / "a"), parallel=dict(nprocs=4, pp=2, dp=2, ep=2, schedule="1f1b")),
-        make_config(str(tmp), str(tmp / "b"), precision="fp8",
+        layout_config(str(tmp), str(tmp / "a"), parallel=dict(nprocs=4, pp=2, dp=2, ep=2, schedule="1f1b")),
+        layout_config(str(tmp), str(tmp / "b"), precision="fp8",
                     parallel=dict(nprocs=4, pp=2, sp=2, ep=2, schedule="dualpipe")),
     ]
 
@@ -102,6 +102,7 @@ def spawned(tmp_path_factory):
     return cfgs, run_ranks(_rank, 4, cfgs, timeout=600)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", [0, 1], ids=["pp2_dp2_ep2_1f1b", "pp2_sp2_ep2_dualpipe_fp8"])
 def test_rank_allocates_only_its_share_with_single_process_values(spawned, case):
     from hai_llm.model.transformer import build_model
@@ -141,7 +142,7 @@ def test_single_process_meta_path_equals_build_model():
     from hai_llm.model.transformer import build_model
     from hai_llm.runtime import SingleProcessRuntime
 
-    cfg = make_config("unused", "unused")  # the tiny model
+    cfg = layout_config("unused", "unused")  # the tiny model
     got = SingleProcessRuntime(cfg).prepare_model(build_model(cfg.model, device="meta"), device="cpu")
     want = build_model(cfg.model, device="cpu", seed=cfg.train.seed)
     for (n, a), (m, b) in zip(got.named_parameters(), want.named_parameters(), strict=True):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from hai_llm.parallel.spawn import RankError, run_ranks
-from parallel_cases import make_config, rank_body, rel_err, single_process, stitch
+from helpers import layout_config, rank_body, rel_err, single_process, stitch
 
 LAYOUTS = {
     2: [dict(nprocs=2, dp=2), dict(nprocs=2, sp=2), dict(nprocs=2, dp=2, ep=2)],
@@ -19,13 +19,14 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(corpus_dir, tmp_path_factory):
-    cfg = make_config(str(corpus_dir), str(tmp_path_factory.mktemp("single")))
+    cfg = layout_config(str(corpus_dir), str(tmp_path_factory.mktemp("single")))
     return single_process(cfg)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_layouts_match_single_process(world, reference, corpus_dir, tmp_path):
-    cfgs = [make_config(str(corpus_dir), str(tmp_path / f"l{i}"), parallel=lay) for i, lay in enumerate(LAYOUTS[world])]
+    cfgs = [layout_config(str(corpus_dir), str(tmp_path / f"l{i}"), parallel=lay) for i, lay in enumerate(LAYOUTS[world])]
     per_rank = run_ranks(rank_body, world, cfgs, timeout=600)
     for i, lay in enumerate(LAYOUTS[world]):
         results = [r[i] for r in per_rank]
@@ -56,6 +57,7 @@ def _raise_on_rank(rank, world):
     ParallelDims(world_size=world, dp=3)
 
 
+@pytest.mark.dist
 def test_bad_layout_fails_fast_on_every_rank():
     with pytest.raises(RankError) as e:
         run_ranks(_raise_on_rank, 2, timeout=120)

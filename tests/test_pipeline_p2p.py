@@ -23,7 +23,7 @@ import torch
 
 from hai_llm.layout.schedules import DualPipe, DualPipeV, Message, OneFOneB, ZB1P
 from hai_llm.parallel.spawn import run_ranks
-from parallel_cases import make_config
+from helpers import layout_config
 
 MODEL = ["n_layers=4", "n_dense_layers=1"]
 
@@ -192,7 +192,7 @@ def _check_p2p(per_rank: list, sched) -> None:
 
 
 def _cfg(data, out, global_batch, **parallel):
-    return make_config(str(data), str(out), steps=1, model_overrides=MODEL, global_batch=global_batch,
+    return layout_config(str(data), str(out), steps=1, model_overrides=MODEL, global_batch=global_batch,
                        parallel=parallel)
 
 

@@ -26,14 +26,14 @@ import pytest
 import torch
 
 from hai_llm.parallel.spawn import run_ranks
-from parallel_cases import make_config, rel_err, run_steps, single_process, stitch
+from helpers import layout_config, rel_err, run_steps, single_process, stitch
 
 OVERRIDES = ["n_layers=4", "n_dense_layers=1"]
 STEPS = 2
 
 
 def _cfg(data, out, global_batch=4, **parallel):
-    return make_config(str(data), str(out), steps=STEPS, model_overrides=OVERRIDES, parallel=parallel,
+    return layout_config(str(data), str(out), steps=STEPS, model_overrides=OVERRIDES, parallel=parallel,
                        global_batch=global_batch)
 
 
@@ -112,6 +112,7 @@ def _check(name, results, ref):
     return f"{worst:.1e} ({which}, |g|={float(ref['grads'][which].norm()):.1e})"
 
 
+@pytest.mark.dist
 def test_pp2_schedules_match_single_process(reference, reference5, corpus_dir, tmp_path):
     layouts = {
         "1f1b": (dict(schedule="1f1b"), {}),
@@ -149,6 +150,7 @@ def test_pp2_schedules_match_single_process(reference, reference5, corpus_dir, t
             assert torch.equal(g, r[j]["grads"][n]), n
 
 
+@pytest.mark.dist
 def test_pp4_and_expert_parallel_match_single_process(reference8, corpus_dir, tmp_path):
     from hai_llm.parallel.collective_trace import check_consistent
 

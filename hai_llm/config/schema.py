@@ -7,7 +7,7 @@ being silently ignored. The resolved config of each run is saved next to its out
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf

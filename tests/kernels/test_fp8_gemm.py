@@ -13,6 +13,8 @@ import pytest
 import torch
 import triton
 
+from helpers import rel_err
+
 import hai_llm.kernels.fp8_gemm as fg
 from hai_llm.kernels.fp8_gemm import (GPU_CONFIGS, INTERPRET_META, fp8_gemm, fp8_gemm_ref,
                                       fp8_linear_dgrad, fp8_linear_fprop, fp8_linear_wgrad,
@@ -29,10 +31,6 @@ REF_RTOL = 1e-6 if DEVICE == "cpu" else 1e-3  # Triton vs fp8_gemm_ref on the sa
 def _randn(*shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(DEVICE)
-
-
-def rel_err(c: torch.Tensor, c64: torch.Tensor) -> float:
-    return ((c.double() - c64).norm() / c64.norm()).item()
 
 
 def check(c: torch.Tensor, c_ref: torch.Tensor, c64: torch.Tensor) -> None:

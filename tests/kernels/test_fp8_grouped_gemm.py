@@ -12,6 +12,8 @@ of every launch K-major, and the K-major entry points give the same results as t
 import pytest
 import torch
 
+from helpers import rel_err
+
 import hai_llm.kernels.fp8_grouped_gemm as fgg
 from hai_llm.kernels.fp8_grouped_gemm import (fp8_grouped_gemm, fp8_grouped_gemm_dgrad,
                                               fp8_grouped_gemm_ref, fp8_grouped_gemm_wgrad,
@@ -37,10 +39,6 @@ CASES = [  # (group sizes, N, K)
 def _randn(*shape, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(DEVICE)
-
-
-def rel_err(c: torch.Tensor, c64: torch.Tensor) -> float:
-    return ((c.double() - c64).norm() / c64.norm()).item()
 
 
 def check(c: torch.Tensor, c_ref: torch.Tensor, c64: torch.Tensor) -> None:

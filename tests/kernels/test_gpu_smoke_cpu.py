@@ -11,6 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_smoke.sh"
 PARTS = ["kernel-tests", "fp8-gemm", "grouped-d2h", "sync-census", "nccl-world1", "gloo-2ranks",
@@ -18,11 +20,13 @@ PARTS = ["kernel-tests", "fp8-gemm", "grouped-d2h", "sync-census", "nccl-world1"
 GPU_ONLY = ["nccl-world1", "gloo-2ranks", "mfu"]
 
 
+@pytest.mark.dist
 def test_script_parses():
     res = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.dist
 def test_cpu_only_quick_runs_the_cpu_parts(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(["bash", str(SCRIPT), "--cpu-only", "--quick", "--out", str(tmp_path)],
