@@ -1,6 +1,6 @@
 """`hai-llm-dryrun`: memory and traffic of every rank role of a parallel layout, in seconds.
 
-    hai-llm-dryrun                                   # DeepSeek-V3 on 2048 GPUs (REFERENCE.md sec. 1)
+    hai-llm-dryrun                                   # DeepSeek-V3 on 2048 GPUs (docs/deepseek_v3.md)
     hai-llm-dryrun --schedule 1f1b --precision bf16  # the same mesh, another schedule
     hai-llm-dryrun --world 4096 --pp 16 --ep 64      # dp follows: world / (pp * sp)
     hai-llm-dryrun --show-groups 130 --json plan.json

@@ -27,7 +27,7 @@ from hai_llm.parallel.collective_trace import (
 )
 from hai_llm.planner.collectives import StepSpec, layout_step, traced_layout_step
 
-MAIN_PARAMS = 671_026_419_200  # REFERENCE.md sec. 2 (weights + routing bias, by formula)
+MAIN_PARAMS = 671_026_419_200  # docs/deepseek_v3.md#parameter-counts (weights + routing bias, by formula)
 
 
 def v3_dims(dp: int = 128) -> ParallelDims:

@@ -3,7 +3,7 @@
 Every check compares the vectorised implementation with something written differently:
 plain Python loops over tokens / groups / experts (gate, experts, balance loss), a float64
 textbook attention with DeepSeek's complex-number RoPE (MLA), the YaRN formula evaluated by
-hand, the parameter-count formula of REFERENCE.md sec. 2, and the model's own public pieces
+hand, the parameter-count formula of docs/deepseek_v3.md#parameter-counts, and the model's own public pieces
 re-assembled by hand (MTP shifts). Tiny shapes only: the whole file runs in a few seconds.
 """
 from __future__ import annotations
@@ -478,7 +478,7 @@ def test_rope_frequencies_yarn_formula():
 # Parameter counts of the 671B config (meta device)
 # =========================================================================================
 def _count_by_formula(a: ModelArgs) -> tuple[int, int]:
-    """(main total, MTP total) from REFERENCE.md sec. 2's architecture, by hand."""
+    """(main total, MTP total) from the architecture in docs/deepseek_v3.md#architecture, by hand."""
     D, H = a.dim, a.n_heads
     attn = (D * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * H * (a.qk_nope_head_dim + a.qk_rope_head_dim)
             + D * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank

@@ -15,7 +15,7 @@ from hai_llm.layout.dims import GROUP_NAMES, ParallelDims
 
 
 def v3_dims() -> ParallelDims:
-    # REFERENCE.md section 1: 256 nodes x 8 GPUs, PP16, DP128, EP64 over 8 nodes
+    # docs/deepseek_v3.md#cluster-and-layout: 256 nodes x 8 GPUs, PP16, DP128, EP64 over 8 nodes
     return ParallelDims(world_size=2048, pp=16, dp=128, sp=1, ep=64, gpus_per_node=8)
 
 

@@ -90,7 +90,7 @@ class ModelArgs:
     @property
     def softmax_scale(self) -> float:
         # (d_nope + d_rope)^-0.5, times mscale^2 with mscale = 0.1*mscale_cfg*ln(factor)+1
-        # when YaRN stretches the context (DeepSeek's inference code, REFERENCE.md sec. 2).
+        # when YaRN stretches the context (DeepSeek's inference code, docs/deepseek_v3.md#yarn).
         scale = self.qk_head_dim ** -0.5
         if self.yarn_active:
             m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0

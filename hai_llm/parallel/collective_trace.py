@@ -4,7 +4,7 @@ A collective only completes when every member of its group issues it, with the s
 and dtype, in the same position of that group's sequence; point-to-point messages are
 matched per (sender, receiver) pair in posting order (NCCL has no tags). Overlap code
 (DualPipe, the MoE all-to-all, ZeRO bucketing) makes it easy to issue them in a
-rank-dependent order, which hangs only at scale (REFERENCE.md sec. 6). This module finds
+rank-dependent order, which hangs only at scale (docs/deepseek_v3.md#failure-modes). This module finds
 those bugs from recorded traces, without running the job:
 
 * ``CollectiveRecorder`` patches the ``torch.distributed`` collective and P2P functions so

@@ -55,7 +55,7 @@ def _distinct_targets(n_gpus: int, per_gpu: int, k: float) -> float:
 def ep_traffic(args: ModelArgs, dims: ParallelDims) -> dict[str, float]:
     """Expected copies of one token's hidden state that leave its GPU in one dispatch.
 
-    DeepEP-style node-limited routing (REFERENCE.md sec. 5), balanced uniform routing:
+    DeepEP-style node-limited routing (docs/deepseek_v3.md#all-to-all), balanced uniform routing:
 
     * EP group on one node (``ep <= gpus_per_node``): the token goes once to every distinct GPU
       hosting one of its K experts, d = ep * (1 - C(E - e, K) / C(E, K)) with e = E / ep experts
