@@ -3,8 +3,8 @@
 DeepSeek-V3 trains on 2048 GPUs as PP16 x DP128 with a 64-way expert-parallel group folded
 inside the 128 data-parallel ranks of each pipeline stage and spanning 8 nodes
 (docs/deepseek_v3.md#cluster-and-layout). Every part of the framework (launcher, ZeRO-1
-optimizer, MoE all-to-all, DualPipe, sequence parallelism) must agree on which global rank holds which coordinate, or collectives
-silently pair the wrong tensors. ``ParallelDims`` is that single source of truth:
+optimizer, MoE all-to-all, DualPipe, sequence parallelism) must agree on which global rank
+holds which coordinate, or collectives silently pair the wrong tensors. ``ParallelDims`` is that single source of truth:
 
 * it validates the degrees against the world and the node size (``__post_init__``) and the
   model against the degrees (``check_experts``, ``check_seq_len``), raising ``ValueError``
