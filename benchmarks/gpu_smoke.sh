@@ -18,7 +18,8 @@
 #                    torch.cuda.set_sync_debug_mode("warn") (CPU: host-read count by call site)
 #   5 nccl-world1    torchrun world of 1 on the GPU with EMA, save and resume
 #   6 gloo-2ranks    2 simulated gloo ranks on cuda:0: pp2 DualPipe and dp2 x ep2, bf16 and fp8,
-#                    save and resume (needs the gloo collective shim of issue 17 to pass)
+#                    save and resume (collectives staged through host memory by
+#                    hai_llm.parallel.gloo_staging, which the launcher installs on such ranks)
 #   7 mfu            a 1-GPU training run of the small model; MFU from summary.json
 # Parts 5-7 run the launcher (hai-llm-train) as it exists; on a CPU they print
 # "SKIP (no CUDA): <what>". Exit status: 1 if a part failed or timed out, else 0.
@@ -34,7 +35,7 @@ while [ $# -gt 0 ]; do
         --quick) QUICK=1 ;;
         --out) OUT="$2"; shift ;;
         --budget) BUDGET="$2"; shift ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift

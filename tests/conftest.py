@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import fast_config  # noqa: E402  (tests/ is on sys.path)
+from helpers import fast_config  # tests/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 
