@@ -119,7 +119,7 @@ def test_mtp_matches_transformers_mtp_model(n_mtp):
             # does (RoPE is relative, so positions shifted by a constant give the same attention)
             prev = mtp.forward_layer(j, prev, (pos + j + 1)[None], None, input_ids=tokens[:, j + 1:S + j + 1])
             refs.append(prev)
-        got = ours.mtp_hidden(ours.hidden(tokens[:, :S]), tokens, pos)
+        got = ours.mtp_states(ours.norm(ours.hidden(tokens[:, :S])), tokens, pos)
         for j in range(n_mtp):
             assert (got[j] - refs[j]).abs().max() < 1e-4, j
         # the training loss reads the same states: mean over depths of CE(head(state_k), t_{i+k+1})

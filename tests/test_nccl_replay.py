@@ -15,14 +15,37 @@ CASES = [(OneFOneB, pp, n) for pp in (2, 4) for n in (pp, pp + 1, 2 * pp + 3)] +
 
 
 @pytest.mark.parametrize("cls,pp,n", CASES, ids=lambda v: getattr(v, "__name__", str(v)))
-def test_every_schedule_completes_with_one_channel_per_direction(cls, pp, n):
+@pytest.mark.parametrize("host_blocks", [False, True], ids=["async-host", "host-reads"])
+def test_every_schedule_completes_with_one_channel_per_direction(cls, pp, n, host_blocks):
+    """Also with the host blocking inside every action until its compute has run (the
+    expert-parallel layers' one host read per dispatch, at its worst place)."""
     sched = cls(pp, n)
-    result = replay(sched, direction_channel)
+    result = replay(sched, direction_channel, host_blocks=host_blocks)
     assert result.completed, str(result)
     # every planned message was transferred exactly once
     planned = sum(len(c.sends) for r in range(pp) for c in sched.comm_plan(r))
     assert result.steps == planned
     check_nccl_safe(sched)
+
+
+def test_a_blocking_host_is_modelled():
+    """A host that blocks on compute which can never run stops issuing: with rank 1's first
+    input never sent, rank 1's host stays blocked in action 0 and issues none of its sends."""
+    sched = OneFOneB(2, 2)
+
+    class Dropping:
+        pp = sched.pp
+
+        def comm_plan(self, rank):
+            plan = sched.comm_plan(rank)
+            if rank != 0:
+                return plan
+            first = plan[0]
+            return (type(first)(first.posts, first.recvs, ()),) + tuple(plan[1:])
+
+    result = replay(Dropping(), direction_channel, host_blocks=True)
+    assert not result.completed
+    assert "host blocked in action 0" in " ".join(result.stuck[1])
 
 
 @pytest.mark.parametrize("cls,pp,n", [(OneFOneB, 2, 4), (ZB1P, 4, 8), (DualPipe, 2, 4),

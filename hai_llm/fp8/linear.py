@@ -63,11 +63,12 @@ import weakref
 import torch
 from torch import nn
 
+from hai_llm.model.layers import accumulate_grad
 from hai_llm.kernels.fp8_gemm import fp8_linear_dgrad, fp8_linear_fprop, fp8_linear_wgrad
 from hai_llm.kernels.fp8_quant import (act_dequant_ref, act_quant, act_quant_colwise,
                                        default_use_triton, weight_quant)
 
-__all__ = ["Fp8Linear", "accumulate_grad", "fp8_linear", "grad_prescale", "grad_quant",
+__all__ = ["Fp8Linear", "fp8_linear", "grad_prescale", "grad_quant",
            "output_dtype", "resolve_use_triton", "run_wgrad"]
 
 
@@ -173,16 +174,6 @@ def retile_colwise(q: torch.Tensor, s: torch.Tensor, pow2_scale: bool, use_trito
     ``transpose``: stored as [K, T] with scales [K, ceil(T/128)] (the K-major Wgrad operand)."""
     return act_quant_colwise(act_dequant_ref(q, s), pow2_scale=pow2_scale, use_triton=use_triton,
                              transpose=transpose)
-
-
-@torch.no_grad()
-def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
-    """p.grad += g (or = g), outside autograd: how a deferred weight gradient lands."""
-    g = g.to(p.dtype)
-    if p.grad is None:
-        p.grad = g
-    else:
-        p.grad.add_(g)
 
 
 def run_wgrad(store, params_grads) -> list:

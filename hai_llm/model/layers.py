@@ -122,3 +122,14 @@ def maybe_recompute(enabled: bool, fn, *args):
     if enabled and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
+
+
+@torch.no_grad()
+def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    """p.grad += g (or = g), outside autograd, in p's dtype: how a deferred weight gradient
+    (the zero-bubble W step, the FP8 Wgrad) lands on its parameter."""
+    g = g.to(p.dtype)
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)

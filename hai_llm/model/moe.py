@@ -92,7 +92,7 @@ _GROUPED_ALIGN_BYTES = 16
 
 def grouped_aligned(n: int, dtype: torch.dtype) -> int:
     """``n`` rounded up to the grouped kernel's stride alignment for ``dtype``."""
-    per = max(1, _GROUPED_ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    per = max(1, _GROUPED_ALIGN_BYTES // dtype.itemsize)
     return -(-n // per) * per
 
 
@@ -137,10 +137,18 @@ def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) 
     alignment padding); other dtypes scatter rows into a zero-padded [E, max_count, I] batch and
     use one bmm (that path reads the largest count on the host: it serves fp64 references only).
     """
-    E, O = w_EOI.shape[0], w_EOI.shape[1]
+    O = w_EOI.shape[1]
     if x_RI.shape[0] == 0:
         return x_RI.new_zeros(0, O)
-    x_RI, w_EOI, kernel = grouped_operands(x_RI, w_EOI)
+    return grouped_mm_prepared(*grouped_operands(x_RI, w_EOI), counts_E, O)
+
+
+def grouped_mm_prepared(x_RI: torch.Tensor, w_EOI: torch.Tensor, kernel, counts_E: torch.Tensor,
+                        out_cols: int) -> torch.Tensor:
+    """:func:`grouped_mm` on operands :func:`grouped_operands` already prepared (cast, padded),
+    keeping the first ``out_cols`` outputs: for callers that also keep the operands (the
+    weight-gradient split saves them for its backward) and must not prepare them twice."""
+    E, O = w_EOI.shape[0], out_cols
     if kernel is not None:
         offs = counts_E.cumsum(0).to(torch.int32)
         y = kernel(x_RI, w_EOI.transpose(-2, -1), offs=offs)

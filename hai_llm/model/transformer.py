@@ -96,6 +96,13 @@ class MTPModule(nn.Module):
         return self.block(self.input_proj(h_BSD, emb_BSD), rope)
 
 
+def window_tokens(tokens_BT: torch.Tensor, pos_S: torch.Tensor, ahead: int = 0) -> torch.Tensor:
+    """The tokens ``ahead`` places after positions ``pos_S`` of each training window: the model's
+    input at 0, the main model's targets at 1, MTP depth k's extra input at k and its targets at
+    k + 1 (the window layout of the module docstring, stated once)."""
+    return tokens_BT[:, pos_S + ahead]
+
+
 def logits_ce(head: nn.Module, hn_BSD: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy (in fp32) of ``head(hn)`` against ``targets`` over every position, from a
     normed state: the loss of the main model (after its final norm) and of each MTP depth (after
@@ -195,16 +202,16 @@ class Transformer(nn.Module):
 
     def embed_tokens(self, tokens_BT: torch.Tensor, pos_S: torch.Tensor, ahead: int = 0) -> torch.Tensor:
         """Embeddings of the tokens ``ahead`` places after positions ``pos_S`` of the window."""
-        return self.embed(tokens_BT[:, pos_S + ahead])
+        return self.embed(window_tokens(tokens_BT, pos_S, ahead))
 
     def main_ce(self, hn_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the main model's next-token prediction from its normed final state."""
-        return logits_ce(self.head, hn_BSD, tokens_BT[:, pos_S + 1])
+        return logits_ce(self.head, hn_BSD, window_tokens(tokens_BT, pos_S, 1))
 
     def mtp_ce(self, depth: int, hn_BSD: torch.Tensor, tokens_BT: torch.Tensor,
                pos_S: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of MTP depth ``depth`` (1-based) from that module's normed output state."""
-        return logits_ce(self.head, hn_BSD, tokens_BT[:, pos_S + depth + 1])
+        return logits_ce(self.head, hn_BSD, window_tokens(tokens_BT, pos_S, depth + 1))
 
     def hidden(self, tokens_BS: torch.Tensor, pos_S: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (before ``norm``) of the main model. ``pos_S``: global
@@ -220,12 +227,6 @@ class Transformer(nn.Module):
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] of the main model (no MTP)."""
         return self.head(self.norm(self.hidden(tokens_BS)))
-
-    def mtp_hidden(self, h_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> list[torch.Tensor]:
-        """Normed hidden states of each MTP depth at positions ``pos_S`` from the main model's final
-        state ``h_BSD`` before its norm (as :meth:`hidden` returns it); depth k reads the embedding of
-        the token k places ahead (tokens_BT is the whole window)."""
-        return self.mtp_states(self.norm(h_BSD), tokens_BT, pos_S)
 
     def mtp_states(self, hn_BSD: torch.Tensor, tokens_BT: torch.Tensor, pos_S: torch.Tensor) -> list[torch.Tensor]:
         """Normed output state of every MTP depth (each module's ``norm`` applied) from the main
@@ -252,7 +253,7 @@ class Transformer(nn.Module):
                              f"with n_mtp_layers={D}")
         if pos_S is None:
             pos_S = torch.arange(S, device=tokens_BT.device)
-        hn = self.norm(self.hidden(tokens_BT[:, pos_S], pos_S))  # read by the head and MTP depth 1
+        hn = self.norm(self.hidden(window_tokens(tokens_BT, pos_S), pos_S))  # read by the head and MTP depth 1
         ce = self.main_ce(hn, tokens_BT, pos_S)
         mtp_terms = [self.mtp_ce(k, hk, tokens_BT, pos_S)
                      for k, hk in enumerate(self.mtp_states(hn, tokens_BT, pos_S), start=1)]

@@ -148,7 +148,6 @@ class _Guard(threading.local):
 
 
 _guard = _Guard()
-_active: list["CollectiveRecorder"] = []
 
 
 class CollectiveRecorder:
@@ -166,9 +165,9 @@ class CollectiveRecorder:
 
     # -- patching ---------------------------------------------------------------------
     def __enter__(self) -> "CollectiveRecorder":
-        if _active:
+        # the patched torch.distributed itself says whether a recorder is active (no registry)
+        if any(getattr(getattr(dist, n, None), "_collective_recorder", None) is not None for n in _SPECS):
             raise RuntimeError("a CollectiveRecorder is already active")
-        _active.append(self)
         originals = {}
         for name in list(_SPECS) + ["batch_isend_irecv"]:
             orig = getattr(c10d, name, None)
@@ -176,6 +175,7 @@ class CollectiveRecorder:
                 continue
             originals[name] = orig
             wrapper = self._wrap_batch(orig) if name == "batch_isend_irecv" else self._wrap(name, orig)
+            wrapper._collective_recorder = self
             for mod in (c10d, dist):
                 if getattr(mod, name, None) is orig:
                     self._saved.append((mod, name, orig))
@@ -187,7 +187,6 @@ class CollectiveRecorder:
         for mod, name, orig in reversed(self._saved):
             setattr(mod, name, orig)
         self._saved.clear()
-        _active.remove(self)
 
     def _wrap(self, name: str, orig: Callable) -> Callable:
         sig = inspect.signature(orig)

@@ -211,7 +211,7 @@ class Transport(abc.ABC):
             return
         self._wait_all(pend.works)  # the side stream waits, not the host
         sizes = self._sizes(pend)
-        pend.host = torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True)
+        pend.host = torch.empty(sizes.shape, dtype=sizes.dtype, device="cpu", pin_memory=True)
         pend.host.copy_(sizes, non_blocking=True)
         pend.event = torch.cuda.Event()
         pend.event.record()
@@ -276,6 +276,8 @@ class Transport(abc.ABC):
         T, K = idx_TK.shape
         pend = PendingPlan(T, K, n_experts, n_experts // self.ep_size, idx_TK.device, {})
         with self._count_stream(idx_TK.device):
+            if idx_TK.is_cuda:  # read on the side stream: keep its memory until that stream is done
+                idx_TK.record_stream(torch.cuda.current_stream(idx_TK.device))
             self._begin(pend, idx_TK)
             self._queue_sizes(pend)
         return pend

@@ -13,7 +13,9 @@ wait forever.
 of the schedule's ``comm_plan``: the receives to post (appended to their communicator's FIFO),
 a stream wait for every receive the action consumes, the action's compute, then its sends
 (appended to their FIFOs; a send cannot start before the compute that produced it). The host
-never blocks (``Work.wait`` on NCCL makes the compute stream wait, not the CPU). The replay
+never blocks (``Work.wait`` on NCCL makes the compute stream wait, not the CPU), unless
+``host_blocks``: then it also waits for each action's compute before issuing its sends, the
+worst case of the expert-parallel layers' one host read per dispatch. The replay
 advances whatever can move: a compute-stream item once its receive has completed, and a
 send/receive pair once both sit at the head of their FIFOs on the same communicator and the
 send's data is ready. It reports a deadlock when something is left and nothing can move.
@@ -66,29 +68,51 @@ def _label(msg: Message) -> str:
     return f"{msg.kind}{msg.mb} {msg.src}->{msg.dst}"
 
 
-def replay(schedule: PipelineSchedule, channel: Callable[[Message], Hashable] = direction_channel
-           ) -> ReplayResult:
-    """Run one step of ``schedule``'s P2P plan under NCCL's in-order, rendezvous semantics."""
+def replay(schedule: PipelineSchedule, channel: Callable[[Message], Hashable] = direction_channel,
+           host_blocks: bool = False) -> ReplayResult:
+    """Run one step of ``schedule``'s P2P plan under NCCL's in-order, rendezvous semantics.
+
+    ``host_blocks``: the host also waits, inside every action, until that action's compute has
+    run before it issues the action's sends. That is what an expert-parallel layer's one host
+    read per dispatch does (its sizes need the routing, which needs the action's input); a plan
+    that completes this way stays deadlock-free with such reads anywhere inside an action."""
     pp = schedule.pp
+    # what each rank's host issues, in order: ("post", msg) | ("wait", msg) | ("compute", idx)
+    # | ("sync", idx) | ("send", msg, idx)
+    host: List[Deque[tuple]] = [deque() for _ in range(pp)]
+    for rank in range(pp):
+        for idx, comm in enumerate(schedule.comm_plan(rank)):
+            host[rank].extend(("post", m) for m in comm.posts)
+            host[rank].extend(("wait", m) for m in comm.recvs)
+            host[rank].append(("compute", idx))
+            if host_blocks:
+                host[rank].append(("sync", idx))
+            host[rank].extend(("send", m, idx) for m in comm.sends)
     # compute stream of each rank: ("wait", msg) | ("compute", action index)
     compute: List[Deque[Tuple[str, object]]] = [deque() for _ in range(pp)]
     # FIFOs of each (rank, communicator): ("recv" | "send", msg, action index of the producer)
     fifos: Dict[Tuple[int, Hashable], Deque[Tuple[str, Message, int]]] = {}
-    for rank in range(pp):
-        for idx, comm in enumerate(schedule.comm_plan(rank)):
-            for msg in comm.posts:
-                fifos.setdefault((rank, channel(msg)), deque()).append(("recv", msg, -1))
-            for msg in comm.recvs:
-                compute[rank].append(("wait", msg))
-            compute[rank].append(("compute", idx))
-            for msg in comm.sends:
-                fifos.setdefault((rank, channel(msg)), deque()).append(("send", msg, idx))
     done_compute = [-1] * pp  # highest action index whose compute has run, per rank
     received: set = set()
     steps = 0
     moved = True
     while moved:
         moved = False
+        for rank in range(pp):  # hosts issue until a blocking read waits for unfinished compute
+            q = host[rank]
+            while q:
+                item = q[0]
+                if item[0] == "sync":
+                    if done_compute[rank] < item[1]:
+                        break
+                elif item[0] == "post":
+                    fifos.setdefault((rank, channel(item[1])), deque()).append(("recv", item[1], -1))
+                elif item[0] == "send":
+                    fifos.setdefault((rank, channel(item[1])), deque()).append(("send", item[1], item[2]))
+                else:
+                    compute[rank].append(item)
+                q.popleft()
+                moved = True
         for rank in range(pp):  # compute streams run until a receive they wait on is missing
             q = compute[rank]
             while q:
@@ -111,12 +135,14 @@ def replay(schedule: PipelineSchedule, channel: Callable[[Message], Hashable] = 
             received.add(msg)
             steps += 1
             moved = True
-    left = any(compute) or any(fifos.values())
+    left = any(host) or any(compute) or any(fifos.values())
     if not left:
         return ReplayResult(True, steps)
     stuck: Dict[int, List[str]] = {}
     for rank in range(pp):
         what = []
+        if host[rank] and host[rank][0][0] == "sync":
+            what.append(f"host blocked in action {host[rank][0][1]}")
         if compute[rank]:
             kind, item = compute[rank][0]
             what.append(f"compute waits for {_label(item)}" if kind == "wait" else f"compute at {item}")
@@ -131,7 +157,8 @@ def replay(schedule: PipelineSchedule, channel: Callable[[Message], Hashable] = 
 
 def check_nccl_safe(schedule: PipelineSchedule) -> None:
     """Raise ``ValueError`` if ``schedule`` can deadlock on NCCL with the executor's channels."""
-    result = replay(schedule, direction_channel)
-    if not result.completed:
-        raise ValueError(f"{schedule!r} deadlocks under NCCL ordering with one communicator per "
-                         f"direction:\n{result}")
+    for host_blocks in (False, True):
+        result = replay(schedule, direction_channel, host_blocks)
+        if not result.completed:
+            raise ValueError(f"{schedule!r} deadlocks under NCCL ordering with one communicator per "
+                             f"direction (host_blocks={host_blocks}):\n{result}")

@@ -24,7 +24,7 @@ import torch
 
 from hai_llm.model.layers import maybe_recompute
 from hai_llm.model.moe import MoE
-from hai_llm.model.transformer import Block, LossWeights, logits_ce
+from hai_llm.model.transformer import Block, LossWeights, logits_ce, window_tokens
 
 from .overlap import Piece
 
@@ -146,7 +146,7 @@ def build_stage_pieces(stage, pm, tokens_BT: torch.Tensor, pos_S: torch.Tensor,
     embed_extra = None
     if stage.is_first:
         def embed_extra(env, tape):
-            return {"h": stage.embed(tokens_BT[:, pos_S])}
+            return {"h": stage.embed(window_tokens(tokens_BT, pos_S))}
 
     for block in stage.blocks():
         add_block(block, str(block.layer_id), embed_extra)
@@ -167,7 +167,7 @@ def build_stage_pieces(stage, pm, tokens_BT: torch.Tensor, pos_S: torch.Tensor,
     def head_fn(env, tape):
         # the normed state is read by the head and by MTP depth 1 (Transformer.mtp_states)
         hn = stage.norm(post_main(env))
-        ce = logits_ce(stage.head, hn, tokens_BT[:, pos_S + 1])
+        ce = logits_ce(stage.head, hn, window_tokens(tokens_BT, pos_S, 1))
         tape.metrics["ce"] = ce.detach()
         tape.add_loss(ce, weights.ce(scale))
         return {"h": hn, "out": True}
@@ -179,14 +179,14 @@ def build_stage_pieces(stage, pm, tokens_BT: torch.Tensor, pos_S: torch.Tensor,
         mod = stage.mtp[str(k - 1)]
 
         def mtp_in(env, tape, mod=mod, k=k):
-            return {"h": mod.input_proj(env["h"], stage.embed(tokens_BT[:, pos_S + k]))}
+            return {"h": mod.input_proj(env["h"], stage.embed(window_tokens(tokens_BT, pos_S, k)))}
 
         add_block(mod.block, f"mtp{k - 1}", mtp_in)
         post_k = pending_post
 
         def mtp_out(env, tape, mod=mod, k=k, post_k=post_k):
             h = mod.norm(post_k(env))  # read by this depth's head and by depth k + 1
-            term = logits_ce(stage.head, h, tokens_BT[:, pos_S + k + 1])
+            term = logits_ce(stage.head, h, window_tokens(tokens_BT, pos_S, k + 1))
             mtp_terms.append(term.detach())
             tape.add_loss(term, weights.mtp_each(scale))
             if len(mtp_terms) == D:

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hai_llm.model.moe import GroupedExperts, grouped_mm, grouped_operands, pad_columns
+from hai_llm.model.layers import accumulate_grad
+from hai_llm.model.moe import GroupedExperts, grouped_mm, grouped_mm_prepared, grouped_operands, pad_columns
 
 
 class WeightGradStore:
@@ -57,15 +58,6 @@ def run_closures(closures: Sequence[Callable[[], None]]) -> None:
     activations that may require grad)."""
     for fn in closures:
         fn()
-
-
-@torch.no_grad()
-def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
-    g = g.to(p.dtype)
-    if p.grad is None:
-        p.grad = g
-    else:
-        p.grad.add_(g)
 
 
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -108,9 +100,9 @@ class _LinearFn(torch.autograd.Function):
 
             def wgrad(weight=weight, bias=bias, x2=x2, g2=g2):
                 if weight.requires_grad:
-                    _accumulate(weight, x2.t().mm(g2).t())
+                    accumulate_grad(weight, x2.t().mm(g2).t())
                 if bias is not None and bias.requires_grad:
-                    _accumulate(bias, g2.sum(0))
+                    accumulate_grad(bias, g2.sum(0))
 
             ctx.store.defer(wgrad)
         return gx, None, None, None, None
@@ -136,8 +128,11 @@ class _GroupedMMFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, counts, store):
-        y = grouped_mm(x, w, counts)
-        xc, wc, _ = grouped_operands(x, w)  # what grouped_mm multiplied (autocast casts, alignment padding)
+        if x.shape[0] == 0:
+            y, xc, wc = grouped_mm(x, w, counts), x, w
+        else:  # prepared once (autocast cast, alignment padding): multiplied now, saved for backward
+            xc, wc, kernel = grouped_operands(x, w)
+            y = grouped_mm_prepared(xc, wc, kernel, counts, w.shape[1])
         ctx.save_for_backward(xc, wc, counts)
         ctx.param = w
         ctx.x_dtype = x.dtype
@@ -152,7 +147,7 @@ class _GroupedMMFn(torch.autograd.Function):
         R, E = x.shape[0], w.shape[0]
         if R == 0:
             if param.requires_grad:
-                ctx.store.defer(lambda: _accumulate(param, torch.zeros_like(param)))
+                ctx.store.defer(lambda: accumulate_grad(param, torch.zeros_like(param)))
             return x.new_zeros((0, I), dtype=ctx.x_dtype), None, None, None
         gy = gy.contiguous()
         _, _, kernel = grouped_operands(x, w)
@@ -163,7 +158,7 @@ class _GroupedMMFn(torch.autograd.Function):
             if param.requires_grad:
                 def wgrad(x=x, gy=gy, offs=offs, param=param):
                     gw = kernel(x.transpose(-2, -1), gy.to(x.dtype), offs=offs).transpose(-2, -1)
-                    _accumulate(param, gw[:, :O, :I])
+                    accumulate_grad(param, gw[:, :O, :I])
 
                 ctx.store.defer(wgrad)
             return gx.to(ctx.x_dtype), None, None, None
@@ -173,7 +168,7 @@ class _GroupedMMFn(torch.autograd.Function):
         if param.requires_grad:
             def wgrad(x=x, g_buf=g_buf, e=e, pos=pos, cap=cap, param=param):
                 buf = x.new_zeros(E, cap, x.shape[1]).index_put((e, pos), x)
-                _accumulate(param, torch.bmm(buf.transpose(1, 2), g_buf.to(buf.dtype)).transpose(1, 2))
+                accumulate_grad(param, torch.bmm(buf.transpose(1, 2), g_buf.to(buf.dtype)).transpose(1, 2))
 
             ctx.store.defer(wgrad)
         return gx.to(ctx.x_dtype), None, None, None

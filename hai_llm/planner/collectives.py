@@ -1,21 +1,42 @@
 """The collective program of a planned layout, for the hang detector.
 
-``layout_step(rank, world, spec)`` issues one training step's collectives in the order the
-layout issues them, with real sizes: the schedule's P2P plan, per MoE layer the EP count
-exchange, dispatch and combine all-to-alls, the SP latent all-gathers, then ZeRO-1
-reduce-scatter / DualPipe pair all-reduce / all-gather, the global grad-norm and loss
-all-reduces. ``validate_plan_collectives(plan, ranks)`` runs it under torch's fake process
-group on meta tensors (``hai_llm.parallel.collective_trace.simulate_ranks``) for a sample of
-ranks chosen so that every group kind has several members present (``sample_ranks``), and
-checks the traces with ``check_consistent``: the 2048-GPU DeepSeek-V3 layout is validated in
-one process. Each simulated rank costs about the time of ``ParallelDims.build_mesh`` (~0.1 s
-at 2048 ranks) plus its program. Members that were not simulated are simply not compared.
-``traced_layout_step`` runs the same program under a recorder on a real process group, so a
-test can compare the simulation with a real gloo run.
+``layout_step(rank, world, spec)`` issues one ``Trainer.train_step``'s collectives in the order
+the trainer issues them, with real sizes, on the SAME process groups, built by the runtime's
+own code rather than re-stated here:
+
+* the mesh (``ParallelDims.build_mesh``), the union groups of parameters held on two pipeline
+  ranks (``PipelineRuntime._build_copy_groups``: DualPipe's copies, the tied embedding of
+  1F1B/ZB1P with MTP), one 2-rank P2P group per direction (``PipelineRuntime._build_p2p_groups``
+  over ``executor.p2p_channels``; every message on ``groups[executor.CHANNEL(msg)]``) and the
+  EP count communicators (``Transport._count_pg`` per EP group: a second group over the ranks
+  of each payload group);
+* per schedule action (``schedule.comm_plan``): post receives, wait, compute, send; per MoE
+  layer the flat transport's count exchange, dispatch and combine (uint8 wire rows,
+  ``a2a_wire._pack``: payload + fp32 routing-weight column), their backward (combine-grad, then
+  dispatch-grad with the weight-gradient column); SP latent all-gathers / reduce-scatters;
+* after the schedule: the pp all-reduce of the ``[n_micro, 2 + n_global_moe]`` float64 loss
+  terms, ``reduce_metrics`` (terms over dp x sp, loads over the copy group), then ZeRO-1: one
+  reduce-scatter per bucket (keyed as ``ZeroOptimizer`` keys them: reduce group, ndim >= 2,
+  expert; in first-appearance order), the float64 grad-norm all-reduce over the world, one
+  all-gather per bucket.
+
+Documented differences from a recorded ``train_step`` (tests/test_dryrun.py checks the rest
+group by group): MoE pieces of an OVERLAPPED F&B pair (``parallel.overlap``) interleave on the
+EP group, here they run forward then backward (the ``overlap=False`` order); the hierarchical
+transport's stage exchanges are not modeled (flat wire only); the one-time channel connect of
+``PipelineExecutor.connect`` happens at set-up, outside the step.
+
+``validate_plan_collectives(plan, ranks)`` runs it under torch's fake process group on meta
+tensors (``hai_llm.parallel.collective_trace.simulate_ranks``) for a sample of ranks chosen so
+that every group kind has several members present (``sample_ranks``), and checks the traces
+with ``check_consistent``: the 2048-GPU DeepSeek-V3 layout is validated in one process.
+``traced_layout_step`` runs the same program under a recorder on a real process group.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
 from typing import Iterable
 
 import torch
@@ -54,10 +75,19 @@ class StepSpec:
     top_k: int
     n_experts: int
     device: str = "cpu"
+    micro_batch: int = 1  # sequences per micro-batch (P2P buffers are [micro_batch, T/mb, dim])
+    n_mtp_layers: int = 0
+    # per pp rank: ZeRO-1 buckets in order, (group kind, elements on this rank); kinds "dense"
+    # (dp x sp or the copy union), "expert" (edp or the copy union), "tied" (the embedding
+    # shared by pp ranks 0 and pp-1). None: one dense and one expert bucket.
+    buckets: tuple[tuple[tuple[str, int], ...], ...] | None = None
+    elem_bytes: int = 4  # bytes of a payload element on the EP wire (the autocast dtype)
+    fp8_dispatch: bool = False  # dispatch payload as FP8 + one fp32 scale per 128 columns
 
     @classmethod
-    def from_plan(cls, plan, device: str = "meta") -> "StepSpec":
-        """The step of a ``hai_llm.planner.plan.Plan`` with its real sizes."""
+    def from_plan(cls, plan, device: str = "meta", elem_bytes: int | None = None) -> "StepSpec":
+        """The step of a ``hai_llm.planner.plan.Plan`` with its real sizes (``elem_bytes``:
+        the EP payload element; default 2 for the bf16 / fp8 accounting, 4 for fp32 runs)."""
         d = plan.dims
         blocks = tuple(tuple(tuple(plan.stages[i].moe_flags) for i in rp.stages) for rp in plan.ranks)
         info = plan.shape_info
@@ -67,18 +97,46 @@ class StepSpec:
                    blocks=blocks, dense_params=tuple(r.dense_params for r in plan.ranks),
                    expert_params=tuple(r.expert_params for r in plan.ranks),
                    tokens=plan.tokens_per_micro_batch, dim=info["dim"], latent=info["latent"],
-                   top_k=info["top_k"], n_experts=info["n_experts"], device=device)
+                   top_k=info["top_k"], n_experts=info["n_experts"], device=device,
+                   micro_batch=plan.micro_batch, n_mtp_layers=info.get("n_mtp_layers", 0),
+                   buckets=tuple(tuple(r.buckets) for r in plan.ranks),
+                   elem_bytes=elem_bytes or (2 if plan.precision in ("bf16", "fp8") else 4),
+                   fp8_dispatch=plan.precision == "fp8")
 
 
-_SCHEDULES: dict = {}
-
-
+@lru_cache(maxsize=16)
 def _schedule(name: str, pp: int, n_micro: int):
     """The pipeline schedule (with its P2P plan) from the one registry, built once per process."""
-    key = (name, pp, n_micro)
-    if key not in _SCHEDULES:
-        _SCHEDULES[key] = make_schedule(name, pp, n_micro)
-    return _SCHEDULES[key]
+    return make_schedule(name, pp, n_micro)
+
+
+def _runtime_groups(dims: ParallelDims, spec: StepSpec, rank: int, sched) -> SimpleNamespace:
+    """The runtime's own group construction, run on a stand-in ``self``: ``copy_dense``,
+    ``copy_edp``, ``tied_embed`` and ``p2p_groups`` exactly as ``PipelineRuntime`` builds them
+    (collective: every rank creates every group). Imported lazily: the planner sits below the
+    runtime (tests/test_layering.py allows lazy imports upward)."""
+    from hai_llm.runtime.pipeline import PipelineRuntime
+
+    me = SimpleNamespace(dims=dims, schedule=sched, rank=rank, pp_rank=dims.coords(rank)["pp"],
+                         cfg=SimpleNamespace(model=SimpleNamespace(n_mtp_layers=spec.n_mtp_layers)),
+                         copy_dense=None, copy_edp={}, tied_embed=None, p2p_groups={})
+    if spec.pp > 1:
+        PipelineRuntime._build_copy_groups(me)
+        PipelineRuntime._build_p2p_groups(me)
+    return me
+
+
+def _count_group(dims: ParallelDims, rank: int):
+    """The flat transport's count communicator of ``rank``: ``Transport._count_pg`` over every
+    EP group of the world in mesh order (``build_transport``'s ``all_ep_ranks``)."""
+    from hai_llm.parallel.transport import Transport
+
+    mine = None
+    for g in dims.group_ranks("ep"):
+        pg = Transport._count_pg(list(g))
+        if rank in g:
+            mine = pg
+    return mine
 
 
 def _split(src: int, dst: int, mb: int, layer: int, base: int) -> int:
@@ -89,6 +147,9 @@ def _split(src: int, dst: int, mb: int, layer: int, base: int) -> int:
 
 def layout_step(rank: int, world: int, spec: StepSpec) -> None:
     """Issue one training step's collectives of ``spec`` as rank ``rank`` (see module doc)."""
+    from hai_llm.pipeline.executor import CHANNEL  # the executor's message -> channel map (lazy)
+    from hai_llm.runtime.base import TERMS
+
     dims = ParallelDims(world_size=spec.world_size, pp=spec.pp, dp=spec.dp, sp=spec.sp, ep=spec.ep,
                         gpus_per_node=spec.gpus_per_node)
     if world != dims.world_size:
@@ -97,40 +158,43 @@ def layout_step(rank: int, world: int, spec: StepSpec) -> None:
     c = dims.coords(rank)
     p = c["pp"]
     sched = _schedule(spec.schedule, spec.pp, spec.n_micro)
-    pair_group = None
-    if spec.schedule == "dualpipe" and spec.pp > 1:  # ranks r and pp-1-r hold the same stages
-        S = dims.stage_size
-        pairs = [[q * S + f, (spec.pp - 1 - q) * S + f] for q in range(spec.pp // 2) for f in range(S)]
-        pair_group, _ = dist.new_subgroups_by_enumeration(pairs)
+    rt = _runtime_groups(dims, spec, rank, sched)
+    g_count = _count_group(dims, rank) if spec.ep > 1 else None
     meta = spec.device == "meta"
     dev = torch.device(spec.device)
-    f_disp = torch.float8_e4m3fn if meta else torch.float32  # FP8 dispatch on the wire
-    f_act = torch.bfloat16 if meta else torch.float32
     T, D, ep, sp = spec.tokens, spec.dim, dims.ep, dims.sp
-    pp_ranks = dims.group_of("pp", rank)
-    g_pp, g_ep, g_sp = mg.group("pp"), mg.group("ep"), mg.group("sp")
-    g_dense, g_edp = mg.group("dp_sp"), mg.group("edp")
+    f32 = torch.float32
+    g_ep, g_sp = mg.group("ep"), mg.group("sp")
     me = c["ep"]
+    El = max(spec.n_experts // max(ep, 1), 1)
     base = max(1, T * spec.top_k // max(ep, 1))
+    # EP wire rows (uint8, ``a2a_wire._pack``): payload [+ FP8 scales] [+ fp32 weight column]
+    b_x = spec.elem_bytes
+    disp = (D + 4 * -(-D // 128)) if spec.fp8_dispatch else D * b_x
+    row = {"fwd_dispatch": disp + 4, "fwd_combine": D * b_x, "bwd_scatter": D * b_x, "bwd_gather": D * b_x + 4}
 
-    def empty(*shape, dtype=f_act):
-        return torch.zeros(*shape, dtype=dtype, device=dev) if not meta else \
-            torch.empty(*shape, dtype=dtype, device=dev)
+    def empty(*shape, dtype=f32):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        return torch.zeros(shape, dtype=dtype, device=dev) if not meta else \
+            torch.empty(shape, dtype=dtype, device=dev)
+
+    def a2a(rows_out: int, rows_in: int, width: int, recv, send) -> None:
+        dist.all_to_all_single(empty(rows_out, width, dtype=torch.uint8), empty(rows_in, width, dtype=torch.uint8),
+                               recv, send, group=g_ep)
 
     def moe(mb: int, layer: int, backward: bool) -> None:
         if ep == 1:
             return
         send = [_split(me, j, mb, layer, base) for j in range(ep)]
         recv = [_split(j, me, mb, layer, base) for j in range(ep)]
-        if not backward:  # routing counts first, as a real dispatch does
-            dist.all_to_all_single(empty(ep, dtype=torch.int64), empty(ep, dtype=torch.int64), group=g_ep)
-            dist.all_to_all_single(empty(sum(recv), D, dtype=f_disp), empty(sum(send), D, dtype=f_disp),
-                                   recv, send, group=g_ep)  # dispatch (FP8)
-            dist.all_to_all_single(empty(sum(send), D), empty(sum(recv), D), send, recv, group=g_ep)  # combine
-        else:
-            dist.all_to_all_single(empty(sum(recv), D, dtype=f_disp), empty(sum(send), D, dtype=f_disp),
-                                   recv, send, group=g_ep)  # combine-grad toward the experts
-            dist.all_to_all_single(empty(sum(send), D), empty(sum(recv), D), send, recv, group=g_ep)  # dispatch-grad
+        if not backward:  # routing counts first (count communicator), then dispatch, combine
+            dist.all_to_all_single(empty(ep, El, dtype=torch.int64), empty(ep, El, dtype=torch.int64),
+                                   [1] * ep, [1] * ep, group=g_count)
+            a2a(sum(recv), sum(send), row["fwd_dispatch"], recv, send)
+            a2a(sum(send), sum(recv), row["fwd_combine"], send, recv)
+        else:  # combine-grad toward the experts, dispatch-grad (+ weight grads) back
+            a2a(sum(recv), sum(send), row["bwd_scatter"], recv, send)
+            a2a(sum(send), sum(recv), row["bwd_gather"], send, recv)
 
     def chunk_pass(chunk: int, mb: int, backward: bool) -> None:
         flags = spec.blocks[p][chunk]
@@ -147,47 +211,83 @@ def layout_step(rank: int, world: int, spec: StepSpec) -> None:
             if not backward and flags[i]:
                 moe(mb, layer, False)
 
-    plan = sched.comm_plan(p)
-    posted: dict = {}
-    pending = []
-    for idx, act in enumerate(sched.actions(p)):
-        comm = plan[idx]
-        for msg in comm.posts:
-            buf = empty(T, D)
-            posted[msg] = dist.irecv(buf, src=pp_ranks[msg.src], group=g_pp)
-        for msg in comm.recvs:
-            posted.pop(msg).wait()
-        for kind, mb, chunk in act.parts():
-            if kind in ("F", "B"):
-                chunk_pass(chunk, mb, backward=kind == "B")
-        for msg in comm.sends:
-            pending.append(dist.isend(empty(T, D), dst=pp_ranks[msg.dst], group=g_pp))
-    for w in pending:
-        w.wait()
-    # loss bookkeeping over the pipeline: one tensor, the same size on every stage
+    # P2P: [micro_batch, T / micro_batch, dim] in the parameters' dtype (fp32: the trainer's
+    # model), each message on the group of its direction
+    peers = dims.group_of("pp", rank)
+    msg_shape = (spec.micro_batch, T // spec.micro_batch, D)
     if spec.pp > 1:
-        dist.all_reduce(empty(1, dtype=torch.float32), group=g_pp)
-    # ZeRO-1: reduce-scatter grads, DualPipe pair sum of the shard, global norm, all-gather
-    n_d, n_e = dims.stage_size, dims.edp
-    sh_d = -(-spec.dense_params[p] // n_d)
-    sh_e = -(-spec.expert_params[p] // n_e) if spec.expert_params[p] else 0
-    steps = []
-    if n_d > 1:
-        steps.append(lambda: reduce_scatter_single(empty(sh_d, dtype=torch.float32),
-                                                        empty(sh_d * n_d, dtype=torch.float32), group=g_dense))
-    if sh_e and n_e > 1:
-        steps.append(lambda: reduce_scatter_single(empty(sh_e, dtype=torch.float32),
-                                                        empty(sh_e * n_e, dtype=torch.float32), group=g_edp))
-    if pair_group is not None:
-        steps.append(lambda: dist.all_reduce(empty(sh_d + sh_e, dtype=torch.float32), group=pair_group))
-    steps.append(lambda: dist.all_reduce(empty(1, dtype=torch.float32)))  # global grad norm
-    gathers = []
-    if n_d > 1:
-        gathers.append(lambda: all_gather_single(empty(sh_d * n_d), empty(sh_d), group=g_dense))
-    if sh_e and n_e > 1:
-        gathers.append(lambda: all_gather_single(empty(sh_e * n_e), empty(sh_e), group=g_edp))
-    for step in steps + gathers:
-        step()
+        plan = sched.comm_plan(p)
+        posted: dict = {}
+        pending = []
+        for idx, act in enumerate(sched.actions(p)):
+            comm = plan[idx]
+            for msg in comm.posts:
+                posted[msg] = dist.irecv(empty(*msg_shape), src=peers[msg.src], group=rt.p2p_groups[CHANNEL(msg)])
+            for msg in comm.recvs:
+                posted.pop(msg).wait()
+            for kind, mb, chunk in act.parts():
+                if kind in ("F", "B"):
+                    chunk_pass(chunk, mb, backward=kind == "B")
+            for msg in comm.sends:
+                pending.append(dist.isend(empty(*msg_shape), dst=peers[msg.dst], group=rt.p2p_groups[CHANNEL(msg)]))
+        for w in pending:
+            w.wait()
+    else:  # gradient accumulation on one rank: F then B per micro-batch
+        for mb in range(spec.n_micro):
+            chunk_pass(0, mb, False)
+            chunk_pass(0, mb, True)
+    # loss terms over the pipeline: [n_micro, 2 + n_global_moe] float64, the same on every stage
+    n_global_moe = sum(sum(fl) for fl in _stage_flags(spec, sched))
+    if spec.pp > 1:
+        dist.all_reduce(empty(spec.n_micro, 2 + n_global_moe, dtype=torch.float64), group=mg.group("pp"))
+    # reduce_metrics: terms over dp x sp, expert loads [own MoE layers, E] over the copy group
+    n_dp_sp = dims.dp * dims.sp
+    dp_sp = mg.group("dp_sp") if n_dp_sp > 1 else None
+    counts_group = rt.copy_dense[0] if rt.copy_dense is not None else dp_sp
+    n_local_moe = sum(sum(fl) for fl in spec.blocks[p])
+    if dp_sp is not None:
+        dist.all_reduce(empty(len(TERMS), dtype=torch.float64), group=dp_sp)
+    if n_local_moe and counts_group is not None:
+        dist.all_reduce(empty(n_local_moe, spec.n_experts, dtype=torch.int64), group=counts_group)
+    # ZeRO-1: reduce-scatter per bucket, grad norm over the world, all-gather per bucket
+    zero = []
+    for kind, numel in _buckets(spec, p):
+        g, n = _bucket_group(kind, rt, mg, dims, c["ep"])
+        if g is not None and n > 1 and numel:
+            zero.append((g, n, -(-numel // n)))
+    for g, n, sh in zero:
+        reduce_scatter_single(empty(sh), empty(sh * n), group=g)
+    dist.all_reduce(empty((), dtype=torch.float64))  # global grad norm (squared), world group
+    for g, n, sh in zero:
+        all_gather_single(empty(sh * n), empty(sh), group=g)
+
+
+def _stage_flags(spec: StepSpec, sched) -> list[tuple[bool, ...]]:
+    """MoE flags of every stage once (a DualPipe stage is held twice)."""
+    seen = {}
+    for r in range(spec.pp):
+        for ch, fl in enumerate(spec.blocks[r]):
+            seen.setdefault(sched.stage_of(r, ch), fl)
+    return list(seen.values())
+
+
+def _buckets(spec: StepSpec, p: int) -> tuple[tuple[str, int], ...]:
+    if spec.buckets is not None:
+        return spec.buckets[p]
+    return (("dense", spec.dense_params[p]), ("expert", spec.expert_params[p]))
+
+
+def _bucket_group(kind: str, rt, mg, dims: ParallelDims, ep_coord: int):
+    """(process group, size) of a bucket kind, by ``PipelineRuntime.spec_of``'s rules (the
+    groups themselves are the runtime's, see ``_runtime_groups``) or ``MeshRuntime.spec_of``'s."""
+    if rt.copy_dense is not None:  # DualPipe: every parameter over the union of both copies
+        g, ranks = rt.copy_edp[ep_coord] if kind == "expert" and dims.ep > 1 else rt.copy_dense
+        return g, len(ranks)
+    if kind == "tied" and rt.tied_embed is not None:
+        return rt.tied_embed[0], len(rt.tied_embed[1])
+    if kind == "expert" and dims.ep > 1:
+        return mg.group("edp"), dims.edp
+    return mg.group("dp_sp"), dims.dp * dims.sp
 
 
 def sample_ranks(dims, rank: int = 0, full_groups: bool = False) -> list[int]:

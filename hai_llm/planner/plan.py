@@ -12,14 +12,19 @@ DualPipe) takes a few seconds, dominated by building the model once on the meta 
   exists twice and the pair's gradients are summed); stages r and 2pp-1-r (dualpipev: no
   duplicates). When a rank runs MTP without holding the embedding (1f1b with pp > 1) it keeps
   a shared copy of it whose gradient is all-reduced with stage 0.
-* **Memory per rank** (bytes), P = parameters held (experts already / ep; ``units``), n_d =
-  dp*sp (the dense-gradient group ``dp_sp``), n_e = edp (expert-data-parallel group)::
+* **Memory per rank** (bytes), what the trainer allocates: P = parameters held (experts
+  already / ep; ``units``); the ZeRO-1 shard is summed over the rank's buckets as
+  ``ZeroOptimizer`` builds them (reduce group x ndim >= 2 x expert), each ceil(numel / n) with n
+  the bucket's reduce group: dp*sp (dense) or edp (experts), DOUBLED for DualPipe (the union
+  of both copies' groups, ``PipelineRuntime.spec_of``) and for the embedding tied between pp
+  ranks 0 and pp-1 (1f1b / zb1p with MTP)::
 
-      weights    2 * P                               bf16 compute copy
-      master     4 * (P_dense / n_d + P_expert / n_e)  fp32, ZeRO-1 sharded (n = 1 without ZeRO)
-      grads      4 * P                               fp32 accumulation buffer (ZeRO-1 keeps it whole)
-      optimizer  2 * b_m * (P_dense / n_d + P_expert / n_e)   AdamW m and v, b_m = 2 (bf16, the
-                                                     paper) or 4 (fp32)
+      params     4 * P        fp32 parameters (the trainer builds the model in fp32; bf16 / FP8
+                              are autocast per GEMM, no resident low-precision copy)
+      master     4 * shard    fp32 master weights (ZeroOptimizer's own copy of the shard)
+      grads      4 * P        fp32 .grad of every parameter (ZeRO-1 keeps them whole)
+      optimizer  2 * b_m * shard   AdamW m and v, b_m = 2 (bf16, the paper) or 4 (fp32,
+                              ``optim.moments_dtype``'s default)
       buffers    4 * routing-bias entries
       activations  peak over the schedule of the stashed activations
 
@@ -143,6 +148,8 @@ class RankPlan:
     inflight_chunks: int  # peak live chunk stashes (Table 2 units)
     memory: dict[str, float]
     comm: list[CommItem]
+    # ZeRO-1 buckets in ``ZeroOptimizer`` order: (group kind "dense" | "expert" | "tied", elements)
+    buckets: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def params(self) -> int:
@@ -368,7 +375,9 @@ def plan_from_layout(layout: Layout, model_args: ModelArgs, *, seq_len: int, pre
     ept = ep_traffic(args, dims)
     fp8 = precision == "fp8"
     b_opt = 2 * (2 if optim_dtype == "bf16" else 4)
-    zd, ze = (n_d, n_e) if zero1 else (1, 1)
+    copies = 2 if schedule == "dualpipe" and pp > 1 else 1  # DualPipe: both copies share one shard set
+    group_size = {"dense": n_d * copies, "expert": n_e * copies, "tied": 2 * n_d}
+    by_name = {u.name: u for u in units}
     embed_params = next(u.dense_params for u in units if u.kind == "embed")
     has_mtp = any(u.kind == "mtp" for u in units)
 
@@ -388,9 +397,11 @@ def plan_from_layout(layout: Layout, model_args: ModelArgs, *, seq_len: int, pre
             chunk_bytes = [b + (T * act["embed"] if "head" in s.units else 0) for b, s in zip(chunk_bytes, st)]
         peak_bytes, peak_n = _peak_weighted(sched, r, chunk_bytes)
         P = dense + expert
-        shard = shard_size(dense, zd) + shard_size(expert, ze)
+        tied = bool(shared) or (r == 0 and has_mtp and pp > 1 and sched.chunks_per_rank == 1)
+        buckets = _rank_buckets([by_name[nm] for nm in held_units | set(shared)], ep, tied)
+        shard = sum(shard_size(n, group_size[k] if zero1 else 1) for k, n in buckets)
         memory = {
-            "weights_bf16": 2.0 * P,
+            "params_fp32": 4.0 * P,
             "master_fp32": 4.0 * shard,
             "grads_fp32": 4.0 * P,
             f"adamw_{optim_dtype}": float(b_opt * shard),
@@ -413,7 +424,8 @@ def plan_from_layout(layout: Layout, model_args: ModelArgs, *, seq_len: int, pre
             n_moe_blocks=sum(s.moe_blocks for s in st),
             experts_per_moe_layer=args.n_routed_experts // ep if args.n_moe_layers else 0,
             dense_params=dense, expert_params=expert, buffers=buffers,
-            act_bytes_per_mb=chunk_bytes, inflight_chunks=peak_n, memory=memory, comm=comm))
+            act_bytes_per_mb=chunk_bytes, inflight_chunks=peak_n, memory=memory, comm=comm,
+            buckets=buckets))
 
     roles: list[Role] = []
     seen: dict[tuple, Role] = {}
@@ -453,10 +465,31 @@ def plan_from_layout(layout: Layout, model_args: ModelArgs, *, seq_len: int, pre
         formulas=_formulas(args, dims, precision, optim_dtype, zero1, act, ept, T),
         unit_params=unit_params,
         shape_info={"dim": args.dim, "latent": args.kv_lora_rank + args.qk_rope_head_dim,
-                    "top_k": args.n_activated_experts, "n_experts": args.n_routed_experts},
+                    "top_k": args.n_activated_experts, "n_experts": args.n_routed_experts,
+                    "n_mtp_layers": args.n_mtp_layers},
         notes=_notes(schedule, fused_ce, shared_any=any(r.shared for r in ranks)),
         layout=layout)
     return plan
+
+
+def _unit_order(name: str) -> tuple:
+    """``PipelineModel``'s parameter order: embed, layers by id, norm + head, MTP modules."""
+    if name == "embed":
+        return (0, 0)
+    if name.startswith("L"):
+        return (1, int(name[1:]))
+    return (2, 0) if name == "head" else (3, int(name[3:]))
+
+
+def _rank_buckets(units: list[Unit], ep: int, tied: bool) -> list[tuple[str, int]]:
+    """``ZeroOptimizer``'s buckets of a rank holding ``units``: keyed (group, ndim >= 2) in
+    first-appearance order; experts (already / ep) have their own group only when ep > 1."""
+    out: dict[tuple[str, bool], int] = {}
+    for u in sorted(units, key=lambda u: _unit_order(u.name)):
+        for is2d, expert, n in u.param_keys:
+            kind = "expert" if expert and ep > 1 else ("tied" if tied and u.kind == "embed" else "dense")
+            out[(kind, is2d)] = out.get((kind, is2d), 0) + (n // ep if expert else n)
+    return [(k, n) for (k, _), n in out.items()]
 
 
 def _formulas(args, dims, precision, optim_dtype, zero1, act, ept, T) -> dict[str, str]:
@@ -470,9 +503,11 @@ def _formulas(args, dims, precision, optim_dtype, zero1, act, ept, T) -> dict[st
             + ", ".join(f"{k}: {v:,.0f} B/token" for k, v in act.items())),
         "in_flight": "peak over the schedule's action list of live chunk stashes (F allocates, W frees), "
                      "each chunk weighted by its own bytes: 1F1B pp on rank 0, DualPipe pp+1 chunks",
-        "weights": "2 B * P (bf16 compute copy)",
-        "master": f"4 B * (P_dense/{dims.stage_size if zero1 else 1} + P_expert/{dims.edp if zero1 else 1})",
-        "grads": "4 B * P (fp32, not sharded by ZeRO-1)",
+        "params": "4 B * P (fp32 parameters; bf16 / FP8 are autocast per GEMM)",
+        "master": (f"4 B * sum over ZeRO buckets of ceil(numel / n), n = dp*sp = {dims.stage_size} (dense) or "
+                   f"edp = {dims.edp} (experts), x2 for DualPipe's union of both copies' groups"
+                   if zero1 else "4 B * P (no ZeRO)"),
+        "grads": "4 B * P (fp32 .grad, not sharded by ZeRO-1)",
         "optimizer": f"{2 * (2 if optim_dtype == 'bf16' else 4)} B * ZeRO shard (AdamW m, v in {optim_dtype})",
         "ring": "reduce-scatter / all-gather of B bytes over n ranks: (n-1)/n * B sent per rank; "
                 "all-reduce 2(n-1)/n * B",
@@ -492,12 +527,17 @@ def _notes(schedule: str, fused_ce: bool, shared_any: bool) -> list[str]:
              "outputs, all-to-all buffers), CUDA context and fragmentation, the expert-load "
              "all-reduce for the bias update (n_moe_layers x E x 4 B: negligible)"]
     if schedule == "dualpipe":
-        notes.append("dualpipe: every stage exists on two ranks (r and pp-1-r), so weights, grads "
-                     "and optimizer state are 2x; the pair sums its grads shard-wise after the "
-                     "ZeRO reduce-scatter (both then apply the same update)")
+        notes.append("dualpipe: every stage exists on two ranks (r and pp-1-r), so params and grads "
+                     "are 2x; the master / AdamW shards are NOT: each parameter is reduce-scattered "
+                     "over the union of both copies' dp x sp (experts: edp) groups, 2x as many ranks, "
+                     "and the all-gather writes the same update into both copies")
+    notes.append("params: fp32 (the trainer's model dtype; bf16 / FP8 are autocast per GEMM, no "
+                 "resident low-precision copy); master: ZeroOptimizer's fp32 shard; grads: fp32 "
+                 ".grad, whole; transient per step: one bucket's fp32 reduce-scatter input at a time")
     if not fused_ce:
         notes.append("fused_ce=False: fp32 log-probabilities V*4 B per token kept per head")
     if shared_any:
         notes.append("1f1b with MTP: the last stage keeps a copy of the embedding (shared with "
-                     "stage 0); its gradient is all-reduced between the two")
+                     "stage 0); its gradient is reduce-scattered over the union of both ranks' "
+                     "dp x sp groups")
     return notes

@@ -90,14 +90,14 @@ def memory_rows(plan: Plan) -> tuple[list[str], list[list[str]]]:
     vals = [v for ro in plan.roles for v in list(ro.rank.memory.values()) + [ro.rank.total_memory]]
     name, size = _unit(vals, binary=True)
     f = lambda x: f"{x / size:,.1f}"
-    hdr = ["role", "ranks", "holds", "experts/layer", "params", "weights", "master", "grads",
+    hdr = ["role", "ranks", "holds", "experts/layer", "params", "params fp32", "master", "grads",
            "AdamW", "act/mb", "in-flight", "act peak", f"total {name}"]
     rows = []
     for role in plan.roles:
         r = role.rank
         m = r.memory
         rows.append([role.name, str(role.n_ranks), role.layers, str(r.experts_per_moe_layer),
-                     _count(r.params), f(m["weights_bf16"]), f(m["master_fp32"]),
+                     _count(r.params), f(m["params_fp32"]), f(m["master_fp32"]),
                      f(m["grads_fp32"]), f(m[f"adamw_{plan.optim_dtype}"]),
                      " / ".join(f(b) for b in r.act_bytes_per_mb), str(r.inflight_chunks),
                      f(m["activations"]), f(r.total_memory)])

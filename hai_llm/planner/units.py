@@ -14,6 +14,7 @@ exactly, so a new top-level module can never be silently under-counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from hai_llm.model.args import ModelArgs
 from hai_llm.model.moe import expert_parameter_names
@@ -30,6 +31,20 @@ class Unit:
     buffers: int  # routing-bias entries (fp32 buffers, not trained)
     moe_blocks: int  # MoE feed-forwards inside (1 for a MoE layer / an MTP module on MoE)
     attn_blocks: int  # MLA blocks inside
+    # ZeRO-1 bucket classes in first-appearance order of ``named_parameters``: (2-D or more?,
+    # routed expert?, elements; experts of ALL EP ranks). ``ZeroOptimizer`` keys its buckets by
+    # (reduce group, ndim >= 2, expert), so this fixes the collective program's bucket order.
+    param_keys: tuple[tuple[bool, bool, int], ...] = ()
+
+
+def _param_keys(*modules) -> tuple[tuple[bool, bool, int], ...]:
+    keys: dict[tuple[bool, bool], int] = {}
+    for module in modules:
+        experts = expert_parameter_names(module)
+        for name, p in module.named_parameters():
+            k = (p.ndim >= 2, name in experts)
+            keys[k] = keys.get(k, 0) + p.numel()
+    return tuple((a, b, n) for (a, b), n in keys.items())
 
 
 def _split_counts(module) -> tuple[int, int, int]:
@@ -44,23 +59,22 @@ def _split_counts(module) -> tuple[int, int, int]:
     return dense, expert, buffers
 
 
-_UNITS_CACHE: dict[str, tuple[Unit, ...]] = {}
-
-
 def _build_units(args: ModelArgs) -> tuple[Unit, ...]:
     from hai_llm.model.transformer import build_model
 
     model = build_model(args, "meta")
-    units = [Unit("embed", "embed", model.embed.weight.numel(), 0, 0, 0, 0)]
+    units = [Unit("embed", "embed", model.embed.weight.numel(), 0, 0, 0, 0, _param_keys(model.embed))]
     for i, block in enumerate(model.layers):
         d, e, b = _split_counts(block)
         moe = args.is_moe_layer(i)
-        units.append(Unit(f"L{i}", "moe" if moe else "dense", d, e, b, int(moe), 1))
+        units.append(Unit(f"L{i}", "moe" if moe else "dense", d, e, b, int(moe), 1, _param_keys(block)))
     d_norm, _, _ = _split_counts(model.norm)
-    units.append(Unit("head", "head", d_norm + model.head.weight.numel(), 0, 0, 0, 0))
+    units.append(Unit("head", "head", d_norm + model.head.weight.numel(), 0, 0, 0, 0,
+                      _param_keys(model.norm, model.head)))
     for k, mod in enumerate(model.mtp):
         d, e, b = _split_counts(mod)
-        units.append(Unit(f"MTP{k}", "mtp", d, e, b, int(args.is_moe_layer(args.n_layers + k)), 1))
+        units.append(Unit(f"MTP{k}", "mtp", d, e, b, int(args.is_moe_layer(args.n_layers + k)), 1,
+                          _param_keys(mod)))
     total = sum(p.numel() for p in model.parameters())
     covered = sum(u.dense_params + u.expert_params for u in units)
     if covered != total:  # a new top-level module nobody placed: fail loudly, never under-count
@@ -71,9 +85,22 @@ def _build_units(args: ModelArgs) -> tuple[Unit, ...]:
 
 def model_units(args: ModelArgs) -> tuple[Unit, ...]:
     """Units of the real model (built once on the meta device; cached per config)."""
-    key = repr(args)
-    if key not in _UNITS_CACHE:
-        if len(_UNITS_CACHE) >= 8:
-            _UNITS_CACHE.pop(next(iter(_UNITS_CACHE)))
-        _UNITS_CACHE[key] = _build_units(args)
-    return _UNITS_CACHE[key]
+    return _units_of(_ArgsKey(args))
+
+
+class _ArgsKey:
+    """``ModelArgs`` hashed by its repr (the dataclass itself is mutable, so unhashable)."""
+
+    def __init__(self, args: ModelArgs):
+        self.args, self.key = args, repr(args)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _ArgsKey) and other.key == self.key
+
+
+@lru_cache(maxsize=8)
+def _units_of(key: _ArgsKey) -> tuple[Unit, ...]:
+    return _build_units(key.args)
