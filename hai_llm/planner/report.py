@@ -117,7 +117,7 @@ def comm_unit(plan: Plan) -> tuple[str, float]:
 COMM_COLUMNS = (
     ("ZeRO dp_sp", lambda c: c.group == "dp_sp"),
     ("ZeRO edp", lambda c: c.group == "edp"),
-    ("pair/shared", lambda c: c.group in ("pair", "embed")),
+    ("tied embed", lambda c: c.group == "embed"),
     ("EP IB", lambda c: c.group == "ep" and c.link == "IB"),
     ("EP NVLink", lambda c: c.group == "ep" and c.link == "NVLink"),
     ("PP", lambda c: c.group == "pp"),

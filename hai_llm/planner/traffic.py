@@ -3,10 +3,11 @@
 Bytes this rank sends; ring algorithms, so a reduce-scatter or an all-gather of B bytes over
 n ranks sends (n-1)/n * B and an all-reduce 2 (n-1)/n * B:
 
-* ZeRO-1 reduce-scatter of fp32 gradients and all-gather of bf16 weights over ``dp_sp``
-  (dense) and ``edp`` (experts); without ZeRO-1 an all-reduce of the gradients;
-* the DualPipe pair all-reduce of the ZeRO shard (the two copies of a stage) and the shared
-  embedding's all-reduce (1F1B with MTP);
+* ZeRO-1 reduce-scatter of fp32 gradients and all-gather of fp32 parameters over ``dp_sp``
+  (dense) and ``edp`` (experts), over the union of both copies' groups under DualPipe (every
+  stage lives on two ranks); without ZeRO-1 an all-reduce of the gradients;
+* the tied embedding's reduce-scatter and all-gather over both ends' groups (1F1B/ZB1P with
+  MTP);
 * the EP all-to-all per micro-batch per MoE layer (forward dispatch FP8 + backward
   combine-gradient FP8, forward combine BF16 + backward dispatch-gradient BF16) split into
   InfiniBand and NVLink copies by ``ep_traffic`` (node-limited, DeepEP-style routing);
@@ -29,7 +30,7 @@ from .activations import FP8_TILE, SCALE_BYTES
 @dataclass
 class CommItem:
     name: str
-    group: str  # dp_sp | edp | ep | pp | sp | pair | embed
+    group: str  # dp_sp | edp (x2 under DualPipe) | ep | pp | sp | embed
     link: str  # "IB" | "NVLink" | "mixed"
     op: str
     bytes_per_step: float
@@ -112,36 +113,38 @@ def rank_comm(args: ModelArgs, dims: ParallelDims, *, dense: int, expert: int, z
     passes; ``pp_sends``: activation and gradient sends to other pipeline ranks; ``T``: tokens
     per micro-batch; ``ept``: ``ep_traffic``.
     """
-    n_d, n_e, pp, D = dims.stage_size, dims.edp, dims.pp, args.dim
-    zd, ze = (n_d, n_e) if zero1 else (1, 1)
+    # DualPipe: every parameter lives on ranks r and pp-1-r, and ZeRO-1 reduce-scatters and
+    # all-gathers it over the UNION of both copies' groups (hai_llm.runtime.pipeline), so the
+    # groups are twice as large and no separate pair reduction exists
+    copies = 2 if pair else 1
+    n_d, n_e, D = copies * dims.stage_size, copies * dims.edp, args.dim
+    tag = ", both DualPipe copies" if pair else ""
     b_disp = 1.0 + SCALE_BYTES / FP8_TILE if fp8 else 2.0  # FP8 E4M3 + an fp32 scale per 1x128 tile
     comm: list[CommItem] = []
-    if zero1:
+    if zero1:  # the trainer keeps fp32 parameters: both directions move fp32
         comm += [
             CommItem("dense grad reduce-scatter", "dp_sp", "mixed", "reduce_scatter fp32",
-                     _ring(n_d) * 4 * shard_size(dense, n_d) * n_d, f"(n-1)/n * 4 B * P_dense, n={n_d}"),
-            CommItem("dense weight all-gather", "dp_sp", "mixed", "all_gather bf16",
-                     _ring(n_d) * 2 * shard_size(dense, n_d) * n_d, f"(n-1)/n * 2 B * P_dense, n={n_d}"),
+                     _ring(n_d) * 4 * shard_size(dense, n_d) * n_d, f"(n-1)/n * 4 B * P_dense, n={n_d}{tag}"),
+            CommItem("dense param all-gather", "dp_sp", "mixed", "all_gather fp32",
+                     _ring(n_d) * 4 * shard_size(dense, n_d) * n_d, f"(n-1)/n * 4 B * P_dense, n={n_d}{tag}"),
             CommItem("expert grad reduce-scatter", "edp", "mixed", "reduce_scatter fp32",
-                     _ring(n_e) * 4 * shard_size(expert, n_e) * n_e, f"(n-1)/n * 4 B * P_expert, n={n_e}"),
-            CommItem("expert weight all-gather", "edp", "mixed", "all_gather bf16",
-                     _ring(n_e) * 2 * shard_size(expert, n_e) * n_e, f"(n-1)/n * 2 B * P_expert, n={n_e}"),
+                     _ring(n_e) * 4 * shard_size(expert, n_e) * n_e, f"(n-1)/n * 4 B * P_expert, n={n_e}{tag}"),
+            CommItem("expert param all-gather", "edp", "mixed", "all_gather fp32",
+                     _ring(n_e) * 4 * shard_size(expert, n_e) * n_e, f"(n-1)/n * 4 B * P_expert, n={n_e}{tag}"),
         ]
     else:
         comm += [
             CommItem("dense grad all-reduce", "dp_sp", "mixed", "all_reduce fp32",
-                     2 * _ring(n_d) * 4 * dense, f"2(n-1)/n * 4 B * P_dense, n={n_d}"),
+                     2 * _ring(n_d) * 4 * dense, f"2(n-1)/n * 4 B * P_dense, n={n_d}{tag}"),
             CommItem("expert grad all-reduce", "edp", "mixed", "all_reduce fp32",
-                     2 * _ring(n_e) * 4 * expert, f"2(n-1)/n * 4 B * P_expert, n={n_e}"),
+                     2 * _ring(n_e) * 4 * expert, f"2(n-1)/n * 4 B * P_expert, n={n_e}{tag}"),
         ]
-    if pair:
-        comm.append(CommItem("dualpipe pair grad all-reduce", "pair", "IB", "all_reduce fp32",
-                             2 * _ring(2) * 4 * (shard_size(dense, zd) + shard_size(expert, ze)),
-                             f"ranks r and {pp - 1}-r hold the same 2 stages: sum their "
-                             f"(ZeRO-sharded) fp32 grads"))
-    if shared_embed:
-        comm.append(CommItem("shared embedding grad all-reduce", "embed", "IB", "all_reduce fp32",
-                             2 * _ring(2) * 4 * shared_embed, "stage 0 <-> MTP stage"))
+    if shared_embed:  # 1F1B/ZB1P with MTP: the embedding copy is reduced over both ends' groups
+        n_t = 2 * dims.stage_size
+        comm.append(CommItem("tied embedding reduce-scatter + all-gather", "embed", "IB",
+                             "reduce_scatter + all_gather fp32",
+                             2 * _ring(n_t) * 4 * shard_size(shared_embed, n_t) * n_t,
+                             f"stage 0 and the MTP stage: 2 x (n-1)/n * 4 B * P_embed, n={n_t}"))
     for link in ("ib", "nvlink"):
         if ept[link] > 0:
             L = "IB" if link == "ib" else "NVLink"
