@@ -2,8 +2,8 @@
 every helper two test files need; fixtures live in conftest.py.
 
 Sections are independent; each says what it is for: numbers and configs (``rel_err``,
-``fast_config`` for dotted overrides, ``layout_config`` for parallel layouts), parallel runs
-against one process (``run_steps``, ``single_process``, ``rank_body``, ``stitch``, ``fit_rank``),
+``LaunchSpy`` for kernel launch arguments, ``fast_config`` for dotted overrides, ``layout_config``
+for parallel layouts), parallel runs against one process (``run_steps``, ``single_process``, ``rank_body``, ``stitch``, ``fit_rank``),
 expert-parallel reference reductions, device checks of collectives, Hugging Face interop models
 (``interop_args``, ``tiny_hf_config``, ``randomize``, ``hf_model``, ``our_model``).
 """
@@ -206,7 +206,22 @@ class CollectivesOnDevice:
 # =========================================================================================
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64 (0/0 reads as 0): the one relative error of the suite."""
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel object (monkeypatched over it in the kernel's module): records
+    the launch arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 def fast_config(out_dir: str | os.PathLike, data_path: str | os.PathLike, *overrides: str):

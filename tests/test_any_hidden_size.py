@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import rel_err
+
 from hai_llm.config.load import load_model_args
 from hai_llm.model.moe import MoE, grouped_aligned, grouped_mm
 from hai_llm.model.transformer import Transformer
@@ -137,9 +139,14 @@ def test_fp8_experts_odd_sizes_equal_zero_padded_sizes():
     ya, yb = odd(xa, COUNTS), pad(xb, COUNTS)
     ya.square().sum().backward()
     yb.square().sum().backward()
-    # bit-exact: zero rows/columns change no 128x128 block maximum (hence no FP8 scale or code)
-    # and add exact zeros to every dot product, so the odd sizes compute the padded problem
-    assert torch.equal(ya, yb[:, :D]) and torch.equal(xa.grad, xb.grad[:, :D])
-    assert torch.equal(odd.w1.grad, pad.w1.grad[:, :I, :D]) and torch.equal(odd.w2.grad, pad.w2.grad[:, :D, :I])
-    assert yb[:, D:].abs().max() == 0
+    # zero rows/columns change no 128x128 block maximum (hence no FP8 scale or code) and add
+    # exact zeros to every dot product, so the odd sizes compute the padded problem on the same
+    # E4M3 codes; but K=67 and K=128 are different fp32 GEMM shapes (the BLAS may block and order
+    # the sums differently), so not bit-exact: fp32 summation error, <= K * 2**-24 ~ 8e-6 relative
+    # per dot product in the worst case, ~1e-7 norm-wise in practice; rtol 1e-5 still catches a
+    # changed scale or code (an E4M3 step is 2**-4 relative)
+    assert rel_err(ya, yb[:, :D]) < 1e-5 and rel_err(xa.grad, xb.grad[:, :D]) < 1e-5
+    assert rel_err(odd.w1.grad, pad.w1.grad[:, :I, :D]) < 1e-5
+    assert rel_err(odd.w2.grad, pad.w2.grad[:, :D, :I]) < 1e-5
+    assert yb[:, D:].abs().max() == 0  # exact: zero weight rows, sums of exact zeros
 

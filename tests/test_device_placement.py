@@ -8,11 +8,12 @@ model's device is a meta tensor and fails at its first use, and every collective
 goes through ``helpers.CollectivesOnDevice``, which asserts its tensors are on the model's
 device (the message names the op and the hai_llm line that issued it).
 
-Paths (gloo ranks, fp32, one step, a save with an EMA (``train.ema_decay > 0``), a resume in a
-fresh trainer and one more step): the pipeline (pp2 DualPipe with expert parallelism inside:
+Paths (gloo ranks, fp32 unless said, one step, a save with an EMA (``train.ema_decay > 0``), a
+resume in a fresh trainer and one more step): the pipeline (pp2 DualPipe with expert parallelism inside:
 pp2 x dp2 x ep2 on 4 ranks, P2P and EP all-to-alls in the overlapped F&B pairs, ZeRO over the
 copy-union groups) and dp2 x ep2 without a pipeline (ZeRO-1 over dp2 for the dense parameters,
-expert parallelism, the mesh runtime's metrics); the checkpoints exercise the DCP shard
+expert parallelism, the mesh runtime's metrics), and dp2 x sp2 with ep4 over two virtual nodes
+(``parallel.transport=hierarchical``, bf16; no resume); the checkpoints exercise the DCP shard
 placements and the EMA's restore.
 
 Also here (no spawn): the node size under torchrun, ``parallel.gpus_per_node`` against
@@ -30,9 +31,9 @@ from helpers import layout_config
 MODEL = ["n_layers=2", "n_dense_layers=1"]  # one dense and one MoE block: every path, least compute
 
 
-def _cfg(data, out, steps, global_batch=4, ema=0.0, **parallel):
-    cfg = layout_config(str(data), str(out), steps=steps, model_overrides=MODEL, parallel=parallel,
-                      global_batch=global_batch)
+def _cfg(data, out, steps, global_batch=4, ema=0.0, precision="fp32", model=(), **parallel):
+    cfg = layout_config(str(data), str(out), steps=steps, model_overrides=MODEL + list(model),
+                        parallel=parallel, global_batch=global_batch, precision=precision)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=ema, resume=True))
 
 
@@ -67,9 +68,14 @@ def placement_rank(rank: int, world: int, cases: list) -> dict:
 @pytest.mark.dist
 def test_pipeline_with_expert_parallel_on_the_model_device(corpus_dir, tmp_path):
     """pp2 x dp2 x ep2 DualPipe: P2P receive buffers, counts, loss vectors, ZeRO over the copy
-    unions, save with EMA and resume."""
+    unions, save with EMA and resume. Then, in the same 4 ranks, dp2 x sp2 with ep4 over 2
+    virtual nodes of 2 in bf16: sequence-parallel shards and the hierarchical (node-aware)
+    all-to-all's intra-/inter-node buffers."""
     cases = [(_cfg(corpus_dir, tmp_path / "pp2", 1, global_batch=8, ema=0.5, nprocs=4, pp=2, dp=2, ep=2,
-                   schedule="dualpipe"), 2)]
+                   schedule="dualpipe"), 2),
+             (_cfg(corpus_dir, tmp_path / "sp2", 1, precision="bf16", nprocs=4, dp=2, sp=2, ep=4,
+                   gpus_per_node=2, transport="hierarchical",
+                   model=["n_expert_groups=2", "n_limited_groups=1"]), 0)]  # a group per node
     calls = run_ranks(placement_rank, 4, cases, timeout=300)[0]
     assert {"isend", "irecv", "all_to_all_single", "reduce_scatter_single", "all_gather_single"} <= set(calls), calls
 
@@ -98,7 +104,6 @@ def torchrun_env(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.dist
 def test_gpus_per_node_auto_takes_torchruns_node(tmp_path, torchrun_env):
     from hai_llm.launch.ranks import check_layout
 
@@ -109,7 +114,6 @@ def test_gpus_per_node_auto_takes_torchruns_node(tmp_path, torchrun_env):
     assert check_layout(_node_cfg(tmp_path, 0)).dims.n_nodes == 2
 
 
-@pytest.mark.dist
 def test_gpus_per_node_mismatch_with_torchrun_is_refused(tmp_path, torchrun_env):
     from hai_llm.launch.ranks import check_layout
 
@@ -118,7 +122,6 @@ def test_gpus_per_node_mismatch_with_torchrun_is_refused(tmp_path, torchrun_env)
         check_layout(_node_cfg(tmp_path, 4))
 
 
-@pytest.mark.dist
 def test_gpus_per_node_of_simulated_ranks(tmp_path, monkeypatch):
     """Simulated ranks (and torchrun's variables inside them, HAI_LLM_SIMULATED set) keep the
     configured virtual nodes; auto is one 8-GPU node."""
@@ -134,7 +137,6 @@ def test_gpus_per_node_of_simulated_ranks(tmp_path, monkeypatch):
             resolve_gpus_per_node(bad, {})
 
 
-@pytest.mark.dist
 def test_parallel_groups_keep_virtual_nodes_and_follow_torchrun(monkeypatch):
     """configs/parallel/*.yaml: virtual nodes when simulated, the real node under torchrun."""
     from omegaconf import OmegaConf

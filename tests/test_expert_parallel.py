@@ -21,6 +21,7 @@ if not torch.cuda.is_available():  # use_triton=True checks run the Triton CPU i
 from hai_llm.config.load import load_model_args  # noqa: E402
 from hai_llm.model.transformer import Transformer  # noqa: E402
 from hai_llm.parallel.spawn import run_ranks  # noqa: E402
+from helpers import rel_err  # noqa: E402
 
 # 8 experts in 2 groups (= 2 nodes in the world-4 layout), top-3 over up to 2 groups
 CFG = ["n_activated_experts=3", "n_expert_groups=2", "n_limited_groups=2"]
@@ -50,11 +51,6 @@ def _global_tokens(args):
 def _grads(model):
     return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
             for n, p in model.named_parameters()}
-
-
-def _rel(a, b):
-    a, b = a.detach(), b.detach()
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 # ------------------------------------------------------------------------------ rank code
@@ -196,7 +192,7 @@ def _mechanisms(rank, world, flat, hier):
         res[f"{name}_inter_copies_per_token"] = plan.inter_copies_per_token()
         outs[name] = d(x, w, idx, ep.experts)
         res[f"{name}_stats"] = d.transport.stats.snapshot()
-    res["routed_err"] = _rel(outs["flat"], ref)
+    res["routed_err"] = rel_err(outs["flat"], ref)
     res["node_limited_equal"] = torch.equal(outs["flat"], outs["hier"])  # same shapes/ops: bit-exact
 
     # all-local tokens never leave the rank; mixed routing moves exactly the remote ones
@@ -212,7 +208,7 @@ def _mechanisms(rank, world, flat, hier):
         mixed = torch.cat([own.expand(T // 2, 2), far.expand(T - T // 2, 2)])
         d.transport.stats.reset()
         y = d(x, w2, mixed, ep.experts)
-        res[f"{name}_mixed_err"] = _rel(y, _routed_ref(full, x, w2, mixed))
+        res[f"{name}_mixed_err"] = rel_err(y, _routed_ref(full, x, w2, mixed))
         res[f"{name}_mixed_stats"] = d.transport.stats.snapshot()
 
     # async: issue, compute something else, wait -> same result; two in flight, waited out of order
@@ -227,7 +223,7 @@ def _mechanisms(rank, world, flat, hier):
     c1 = d.combine_async(d.compute(b1, ep.experts), b1)
     c2 = d.combine_async(d.compute(b2, ep.experts), b2)
     res["async_equal"] = torch.equal(c1.wait(), sync)  # same ops, same shapes: bit-exact
-    res["async2_err"] = _rel(c2.wait(), _routed_ref(full, x * 2, w, idx))
+    res["async2_err"] = rel_err(c2.wait(), _routed_ref(full, x * 2, w, idx))
 
     # link emulation: wait() returns no earlier than the modeled time after the issue
     link = LinkModel(intra_gbps=4e-4, inter_gbps=2e-4, latency_us=40_000, time_scale=1.0)
@@ -268,7 +264,7 @@ def _mechanisms(rank, world, flat, hier):
             results[(fp8, name)] = (y.detach(), xx.grad.clone(), m.gate.weight.grad.clone(),
                                     m.experts.w1.grad.clone(), t.stats["dispatch"]["inter_bytes"])
     a, b = results[(False, "flat")], results[(True, "flat")]
-    res["fp8_err"] = [_rel(b[i], a[i]) for i in range(4)]
+    res["fp8_err"] = [rel_err(b[i], a[i]) for i in range(4)]
     res["fp8_bytes"] = (a[4], b[4])
     # flat vs hierarchical: same rows, same ops, same order -> bit-exact
     res["fp8_transport_equal"] = all(torch.equal(p, q) for p, q in zip(results[(True, "flat")][:4],
@@ -281,7 +277,7 @@ def _mechanisms(rank, world, flat, hier):
     apply_expert_parallel(ep8, None, transport=hier, fp8_dispatch=True)
     w8, idx8, _ = full8.gate(x3)
     xq = dequantize_ref(*permute_ref(x3, torch.arange(T), quant_fp8=True, block=128), block=128)
-    res["fp8_vs_rounded"] = _rel(ep8.dispatcher(x3, w8, idx8, ep8.experts), _routed_ref(full8, xq, w8, idx8))
+    res["fp8_vs_rounded"] = rel_err(ep8.dispatcher(x3, w8, idx8, ep8.experts), _routed_ref(full8, xq, w8, idx8))
 
     # bf16: flat and hierarchical stay bit-identical (partials rounded to bf16 in both)
     epb, _ = _moe_pair(args3)
@@ -339,26 +335,22 @@ def _worker(rank, world):
 
 
 # ------------------------------------------------------------------------------ reference
-_REF = {}
+@pytest.fixture(scope="module")
+def reference():
+    """The single-process run: loss, gradients, their norm, expert load and updated biases."""
+    args = _args()
+    model = _build(args)
+    out = model.loss(_global_tokens(args))
+    out.loss.backward()
+    grads = _grads(model)
+    norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values()))
+    model.update_expert_bias(out.expert_counts)
+    bias = torch.stack([m.gate.bias.clone() for m in model.moe_layers()])
+    return {"loss": out.loss.detach(), "grads": grads, "norm": norm, "counts": out.expert_counts,
+            "bias": bias}
 
 
-def _reference():
-    if "ref" not in _REF:
-        args = _args()
-        model = _build(args)
-        out = model.loss(_global_tokens(args))
-        out.loss.backward()
-        grads = _grads(model)
-        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values()))
-        model.update_expert_bias(out.expert_counts)
-        bias = torch.stack([m.gate.bias.clone() for m in model.moe_layers()])
-        _REF["ref"] = {"loss": out.loss.detach(), "grads": grads, "norm": norm,
-                       "counts": out.expert_counts, "bias": bias}
-    return _REF["ref"]
-
-
-def _check_against_reference(got, tag):
-    ref = _reference()
+def _check_against_reference(got, ref, tag):
     assert abs(float(got["loss"]) - float(ref["loss"])) <= 1e-5 * abs(float(ref["loss"])), tag
     assert set(got["grads"]) == set(ref["grads"]), tag
     n_experts = _args().n_routed_experts
@@ -371,14 +363,13 @@ def _check_against_reference(got, tag):
                 if r[e].norm() == 0:
                     assert g[e].norm() == 0, (tag, name, e)
                 else:
-                    assert _rel(g[e], r[e]) < 1e-5, (tag, name, e, _rel(g[e], r[e]))
+                    assert rel_err(g[e], r[e]) < 1e-5, (tag, name, e, rel_err(g[e], r[e]))
         else:
-            assert _rel(g, r) < 1e-5, (tag, name, _rel(g, r))
+            assert rel_err(g, r) < 1e-5, (tag, name, rel_err(g, r))
     assert abs(float(got["norm"]) - float(ref["norm"])) < 1e-5 * float(ref["norm"]), tag
 
 
-def _check_bias(results, key):
-    ref = _reference()
+def _check_bias(results, ref, key):
     for r in results:
         # exact: integer counts (a top-k flip needs a score tie within fp32 rounding)
         assert torch.equal(r[key]["load"], ref["counts"])  # every rank sees the whole batch's load
@@ -398,21 +389,21 @@ def ranks():
 
 
 @pytest.mark.dist
-def test_ep2_matches_single_process(ranks):
+def test_ep2_matches_single_process(ranks, reference):
     for rank, r in enumerate(ranks):
-        _check_against_reference(r["ep2"], f"ep2 rank {rank}")
+        _check_against_reference(r["ep2"], reference, f"ep2 rank {rank}")
 
 
 @pytest.mark.dist
-def test_ep4_matches_single_process(ranks):
+def test_ep4_matches_single_process(ranks, reference):
     for rank, r in enumerate(ranks):
-        _check_against_reference(r["ep4"], f"ep4 rank {rank}")
+        _check_against_reference(r["ep4"], reference, f"ep4 rank {rank}")
 
 
 @pytest.mark.dist
-def test_ep2_edp2_matches_single_process(ranks):
+def test_ep2_edp2_matches_single_process(ranks, reference):
     for rank, r in enumerate(ranks):
-        _check_against_reference(r["edp"], f"ep2 x edp2 rank {rank}")
+        _check_against_reference(r["edp"], reference, f"ep2 x edp2 rank {rank}")
 
 
 @pytest.mark.dist
@@ -424,9 +415,9 @@ def test_flat_and_hierarchical_bit_identical(ranks):
 
 
 @pytest.mark.dist
-def test_global_load_and_bias(ranks):
-    _check_bias(ranks, "ep2")
-    _check_bias(ranks, "ep4")
+def test_global_load_and_bias(ranks, reference):
+    _check_bias(ranks, reference, "ep2")
+    _check_bias(ranks, reference, "ep4")
 
 
 @pytest.mark.dist

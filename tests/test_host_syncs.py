@@ -4,7 +4,8 @@ counted piece by piece.
 Why: on a GPU every read of a tensor's value on the host (``.item()``, ``.tolist()``,
 ``int(t)`` / ``float(t)`` / ``bool(t)``, ``nonzero``, ``unique``, ``bincount``,
 ``repeat_interleave`` without ``output_size``, boolean-mask indexing, ``masked_select``,
-``torch.equal``) blocks the CPU until everything queued before it has run: inside an overlapped
+``torch.equal``, a copy to the host: ``.cpu()``, ``.to("cpu")``, ``copy_`` into a host tensor)
+blocks the CPU until everything queued before it has run: inside an overlapped
 F&B pair that is the other micro-batch's compute and the all-to-all in flight, so the overlap is
 lost.  A CPU run cannot see the stall, but it can count the reads.  The budget
 (docs/expert_parallel.md, "Two-phase plan"): exactly ONE read per dispatch (its plan's sizes),
@@ -43,10 +44,11 @@ from hai_llm.parallel.spawn import run_ranks
 CFG = ["n_activated_experts=3", "n_expert_groups=2", "n_limited_groups=2"]
 N_MICRO = 4
 _ALWAYS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "argwhere",
-           "unique", "unique_consecutive", "bincount", "masked_select", "equal", "allclose", "numpy"}
+           "unique", "unique_consecutive", "bincount", "masked_select", "equal", "allclose", "numpy",
+           "cpu"}
 _TENSOR_METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero",
                    "unique", "unique_consecutive", "bincount", "masked_select", "repeat_interleave",
-                   "__getitem__", "__setitem__", "numpy")
+                   "__getitem__", "__setitem__", "numpy", "cpu", "to", "copy_")
 _TORCH_FUNCS = ("nonzero", "argwhere", "unique", "unique_consecutive", "bincount", "masked_select",
                 "repeat_interleave", "equal", "allclose")
 
@@ -60,11 +62,31 @@ def _has_bool_index(index) -> bool:
     return False
 
 
+def _names_cpu(target) -> bool:
+    """``.to``'s target names the host: "cpu" (str or device) or a host tensor."""
+    if isinstance(target, torch.Tensor):
+        return target.device.type == "cpu"
+    return isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"
+
+
 def read_kind(name: str, args: tuple, kwargs: dict):
     """The host read a torch call makes (None for none): ``name`` is the function's name,
-    ``args`` start with the tensor it is called on."""
+    ``args`` start with the tensor it is called on. Copies to the host count as reads whatever
+    the source's device, like the other methods (on a CPU run ``.cpu()`` is a no-op, on a GPU it
+    waits for the tensor), except non-blocking ones (into pinned memory they queue, and the read
+    that later uses the bytes is what waits). ``copy_`` counts only from another device into a
+    host tensor: a same-device copy is no read, and a CPU run cannot tell the two apart."""
     if name in _ALWAYS:
         return name
+    if name in ("to", "copy_") and kwargs.get("non_blocking", False):
+        return None
+    if name == "to" and (any(_names_cpu(a) for a in args[1:2]) or _names_cpu(kwargs.get("device"))
+                         or _names_cpu(kwargs.get("other"))):
+        return "to cpu"
+    if name == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        dst, src = args[0], args[1]
+        if dst.device.type == "cpu" and src.device.type != "cpu":
+            return "copy_ to host"
     if name == "repeat_interleave":  # tensor repeats: the output size is read unless given
         reps = args[1] if len(args) > 1 else kwargs.get("repeats", args[0] if args else None)
         if isinstance(reps, torch.Tensor) and kwargs.get("output_size") is None:
@@ -308,10 +330,18 @@ def test_read_kind_classifies_reads():
         int(t[0]), bool(t[1]), t.tolist(), torch.unique(t), t[m], t.nonzero()
         t.repeat_interleave(t), t.repeat_interleave(t, output_size=6), t.repeat_interleave(2)
         t[t > 1] = 0
-        t.cumsum(0), t[torch.tensor([0, 2])]  # not reads
+        t.cpu(), t.to("cpu"), t.to(device="cpu"), t.to(torch.device("cpu"), torch.float64)
+        t.cumsum(0), t[torch.tensor([0, 2])], t.to(torch.float32), t.to("meta")  # not reads
+        t.to("cpu", non_blocking=True), t.clone().copy_(t)  # not reads (queued / same device)
     kinds = [k for _, k in census.log]
     assert kinds == ["__int__", "__bool__", "tolist", "unique", "bool-mask __getitem__", "nonzero",
-                     "repeat_interleave", "bool-mask __setitem__"], kinds
+                     "repeat_interleave", "bool-mask __setitem__", "cpu", "to cpu", "to cpu",
+                     "to cpu"], kinds
+    # copy_ from a device tensor into a host one (no device here: read_kind on a meta source)
+    src = torch.empty(4, device="meta")
+    assert read_kind("copy_", (t, src), {}) == "copy_ to host"
+    assert read_kind("copy_", (t, src), {"non_blocking": True}) is None
+    assert read_kind("copy_", (src, t), {}) is None  # host -> device: queued, no read
 
 
 @pytest.mark.dist

@@ -12,7 +12,7 @@ of every launch K-major, and the K-major entry points give the same results as t
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import LaunchSpy, rel_err
 
 import hai_llm.kernels.fp8_grouped_gemm as fgg
 from hai_llm.kernels.fp8_grouped_gemm import (fp8_grouped_gemm, fp8_grouped_gemm_dgrad,
@@ -158,19 +158,6 @@ def test_bad_inputs_raise():
 # ------------------------------------------------------------------------------------------------
 # GPU-readiness: no host reads, grid bound, offsets, K-major launches
 # ------------------------------------------------------------------------------------------------
-
-
-class LaunchSpy:
-    """Stands in for a Triton kernel object: records the launch arguments, then launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append((grid, args, kwargs))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
 
 
 def _operands(sizes, n, k, seed=0):

@@ -9,6 +9,8 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import hai_llm.kernels.fp8_quant as fq
 from hai_llm.kernels.fp8_quant import (AMAX_FLOOR, FP8_DTYPE, FP8_MAX, act_colwise_dequant_ref,
@@ -167,8 +169,41 @@ def test_use_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# Non-finite inputs: NaN scale, NaN codes, identically in the kernels and the references
+# Non-finite inputs: NaN scale, NaN codes, identically in the kernels and the references. All of
+# them run under ``gpu_nan_semantics`` (conftest.py): tl.max/tl.maximum drop NaN as on a GPU.
 # ------------------------------------------------------------------------------------------------
+
+pytest_nan = pytest.mark.usefixtures("gpu_nan_semantics")
+
+
+@triton.jit
+def _plain_amax_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    """The naive amax the quantizers must NOT rely on: max|x|, then the amax floor."""
+    x = tl.load(x_ptr + tl.arange(0, N))
+    amax = tl.max(tl.abs(x), axis=0)
+    tl.store(out_ptr, amax)
+    tl.store(out_ptr + 1, tl.maximum(amax, 1e-4))
+
+
+@pytest_nan
+def test_gpu_nan_semantics_fixture_drops_nan_in_plain_max_but_not_in_our_kernels():
+    """Under the fixture a plain tl.max amax of a NaN tile is finite (what the GPU computes), so a
+    quantizer built on it would give a finite scale; ours still give NaN. (Triton 3.9's own
+    interpreter already drops NaN here, via np.nanmax / np.fmax; the fixture pins it.)"""
+    x = torch.arange(128.0, device=DEVICE)
+    x[5] = float("nan")
+    out = torch.zeros(2, device=DEVICE)
+    _plain_amax_kernel[(1,)](x, out, 128)
+    assert out.tolist() == [127.0, 127.0]  # the NaN lane was dropped: finite
+    x.fill_(float("nan"))
+    _plain_amax_kernel[(1,)](x, out, 128)
+    assert torch.isnan(out[0]) and out[1] == torch.tensor(1e-4)  # all NaN: max NaN, floor wins
+    y = torch.ones(3, 256, device=DEVICE)
+    y[1, 5] = float("nan")
+    for q, s in (act_quant(y, use_triton=True), act_quant_colwise(y.t().contiguous(), use_triton=True),
+                 weight_quant(y, use_triton=True)):
+        assert torch.isnan(s).any() and (q.view(torch.uint8) == 0x7F).any()
+
 
 NONFINITE = [float("nan"), -float("nan"), float("inf"), -float("inf")]
 
@@ -186,6 +221,7 @@ def _check_nan_tiles(q, s, want_bad_scales):
     assert not torch.isinf(s).any()
 
 
+@pytest_nan
 @pytest.mark.parametrize("use_triton", [True, False])
 @pytest.mark.parametrize("pow2_scale", [False, True])
 def test_act_quant_nan_and_inf_give_nan_tiles(use_triton, pow2_scale):
@@ -205,6 +241,7 @@ def test_act_quant_nan_and_inf_give_nan_tiles(use_triton, pow2_scale):
     assert torch.equal(torch.nan_to_num(s), torch.nan_to_num(s_ref))
 
 
+@pytest_nan
 @pytest.mark.parametrize("use_triton", [True, False])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_act_quant_colwise_nan_and_inf_give_nan_tiles(use_triton, transpose):
@@ -220,6 +257,7 @@ def test_act_quant_colwise_nan_and_inf_give_nan_tiles(use_triton, transpose):
     assert nan_codes == 128 + 128 + 4 + 128  # the four poisoned 128x1 tiles (one has 4 rows)
 
 
+@pytest_nan
 @pytest.mark.parametrize("use_triton", [True, False])
 def test_weight_quant_nan_and_inf_give_nan_blocks(use_triton):
     w = _poisoned((200, 260), [(0, 0), (150, 140), (199, 259)], seed=3)
@@ -234,7 +272,7 @@ def test_weight_quant_nan_and_inf_give_nan_blocks(use_triton):
     assert torch.isnan(deq[:128, :128]).all() and torch.isfinite(deq[:128, 128:]).all()
 
 
-@pytest.mark.filterwarnings("ignore:All-NaN slice")  # numpy, inside the interpreter's tl.max
+@pytest_nan  # (an all-NaN tile: NaN from max on a GPU too, both operands NaN)
 def test_all_nan_and_all_inf_tiles():
     x = torch.full((2, 128), float("nan"), device=DEVICE)
     x[1] = float("inf")
