@@ -20,12 +20,12 @@ PARTS = ["kernel-tests", "fp8-gemm", "grouped-d2h", "sync-census", "nccl-world1"
 GPU_ONLY = ["nccl-world1", "gloo-2ranks", "mfu"]
 
 
-@pytest.mark.dist
 def test_script_parses():
     res = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.slow  # ~35 s: re-runs a kernel-test subset; CI's slow step runs it (.ci/slow)
 @pytest.mark.dist
 def test_cpu_only_quick_runs_the_cpu_parts(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
