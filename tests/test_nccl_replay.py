@@ -8,6 +8,20 @@ import pytest
 from hai_llm.layout.schedules import DualPipe, DualPipeV, OneFOneB, ZB1P
 from hai_llm.pipeline.nccl_replay import check_nccl_safe, direction_channel, pair_channel, replay
 
+class _without_first_send:
+    """``sched`` as the replay sees it, except that rank 0 never sends its first message."""
+
+    def __init__(self, sched):
+        self.sched, self.pp = sched, sched.pp
+
+    def comm_plan(self, rank):
+        plan = self.sched.comm_plan(rank)
+        if rank != 0:
+            return plan
+        first = plan[0]
+        return (type(first)(first.posts, first.recvs, ()),) + tuple(plan[1:])
+
+
 CASES = [(OneFOneB, pp, n) for pp in (2, 4) for n in (pp, pp + 1, 2 * pp + 3)] + \
         [(ZB1P, pp, n) for pp in (2, 4) for n in (pp, pp + 1, 2 * pp + 3)] + \
         [(DualPipe, pp, n) for pp in (2, 4, 8) for n in (2 * pp, 2 * pp + 2, 4 * pp)] + \
@@ -31,19 +45,7 @@ def test_every_schedule_completes_with_one_channel_per_direction(cls, pp, n, hos
 def test_a_blocking_host_is_modelled():
     """A host that blocks on compute which can never run stops issuing: with rank 1's first
     input never sent, rank 1's host stays blocked in action 0 and issues none of its sends."""
-    sched = OneFOneB(2, 2)
-
-    class Dropping:
-        pp = sched.pp
-
-        def comm_plan(self, rank):
-            plan = sched.comm_plan(rank)
-            if rank != 0:
-                return plan
-            first = plan[0]
-            return (type(first)(first.posts, first.recvs, ()),) + tuple(plan[1:])
-
-    result = replay(Dropping(), direction_channel, host_blocks=True)
+    result = replay(_without_first_send(OneFOneB(2, 2)), direction_channel, host_blocks=True)
     assert not result.completed
     assert "host blocked in action 0" in " ".join(result.stuck[1])
 
@@ -74,19 +76,6 @@ def test_replay_follows_nccl_rules_on_a_two_rank_exchange():
 def test_a_send_waits_for_its_compute():
     """A send cannot leave before the compute that produced it: with rank 1's compute of F0
     blocked forever (its input never arrives), nothing downstream is transferred."""
-    sched = OneFOneB(2, 2)
-
-    class Dropping:
-        """Like the real schedule, but rank 0 never sends act0."""
-        pp = sched.pp
-
-        def comm_plan(self, rank):
-            plan = sched.comm_plan(rank)
-            if rank != 0:
-                return plan
-            first = plan[0]
-            return (type(first)(first.posts, first.recvs, ()),) + tuple(plan[1:])
-
-    result = replay(Dropping(), direction_channel)
+    result = replay(_without_first_send(OneFOneB(2, 2)), direction_channel)
     assert not result.completed
     assert "compute waits for act0 0->1" in " ".join(result.stuck[1])
