@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-pytest.importorskip("transformers")
 from helpers import hf_model, interop_args, our_model, tiny_hf_config  # noqa: E402
 
 from hai_llm.interop import (CheckpointMismatchError, DamagedCheckpointError, args_from_hf_config,  # noqa: E402

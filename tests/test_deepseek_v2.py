@@ -15,7 +15,6 @@ import math
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM  # noqa: E402
 
 from hai_llm.config.load import load_model_args  # noqa: E402

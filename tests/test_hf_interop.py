@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3ForCausalLM  # noqa: E402
 
 from hai_llm.interop.hf import (  # noqa: E402

@@ -164,12 +164,6 @@ class Transport(abc.ABC):
         return [LOCAL if m == self.ep_rank else INTRA if self.node_of_rank[m] == self.node else INTER
                 for m in members]
 
-    @staticmethod
-    def _count_pg(ranks: Sequence[int]):
-        """A count communicator over ``ranks`` (None for one rank).  ``dist.new_group``: every
-        rank of the world calls it, for every group, in the same order."""
-        return dist.new_group(list(ranks)) if len(ranks) > 1 else None
-
     # -- plan exchanges (counts, metadata) on the count communicators -----------------------
     def _exchange(self, group: _Group, send: torch.Tensor, send_splits=None, recv_splits=None):
         """All-to-all of int64 plan rows on ``group``'s count communicator, asynchronous:
@@ -249,6 +243,14 @@ class Transport(abc.ABC):
         """out[i] = 0 + sum of rows r with dst[r] == i in ascending r (fp32, rounded to y's dtype)."""
         ones = torch.ones(y.shape[0], dtype=torch.float32, device=y.device)
         return unpermute_combine(y, dst, ones, n_out, use_triton=self._triton(y))
+
+    def _pack_received(self, plan: _Plan, rows: torch.Tensor, row_aux: torch.Tensor | None):
+        """Expert rows (and their aux columns) back in the order they were received, packed
+        into one buffer: the first movement of every combine-shaped gather."""
+        parts = [self._rows(rows, plan.recv_inv)]
+        if row_aux is not None:
+            parts.append(row_aux[plan.recv_inv])
+        return _pack(parts)
 
     @staticmethod
     def _finish_rows(parts: list[torch.Tensor], perm: torch.Tensor, dtype: torch.dtype,
@@ -346,7 +348,7 @@ class FlatTransport(Transport):
         groups = _all_groups(self.ep_ranks, all_ep_ranks)
         count_pg = None
         for g in groups:  # identical order on every rank
-            cpg = self._count_pg(g)
+            cpg = count_communicator(g)
             if g == self.ep_ranks:
                 count_pg = cpg
         self.group = _Group(pg, members, self.ep_rank, self._kinds(members), count_pg)
@@ -409,10 +411,7 @@ class FlatTransport(Transport):
                                  slot_aux is not None)
 
     def _gather(self, plan: FlatPlan, rows, row_aux, op):
-        parts = [self._rows(rows, plan.recv_inv)]
-        if row_aux is not None:
-            parts.append(row_aux[plan.recv_inv])
-        packed, spec = _pack(parts)
+        packed, spec = self._pack_received(plan, rows, row_aux)
         st = _Stage(self, op)
         back = st.a2a(self.group, packed, plan.recv_splits, plan.send_splits, copies=True)
         yield st
@@ -424,6 +423,13 @@ class FlatTransport(Transport):
             aux = parts[1].new_zeros(plan.n_tokens * plan.topk, parts[1].shape[1])
             aux[plan.send_slot] = parts[1]
         return out, aux
+
+
+def count_communicator(ranks: Sequence[int]):
+    """A count communicator over ``ranks`` (None for one rank): a second process group over the
+    same ranks as a payload group, so a count exchange never queues behind a payload in flight.
+    ``dist.new_group``: every rank of the world calls it, for every group, in the same order."""
+    return dist.new_group(list(ranks)) if len(ranks) > 1 else None
 
 
 def _all_groups(ep_ranks: Sequence[int], all_ep_ranks: Sequence[Sequence[int]] | None) -> list[list[int]]:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from hai_llm.kernels.policy import debug_checks
 
 from .a2a_wire import _count, _Group, _inverse, _offsets, _pack, _run_values, _runs, _Stage, _unpack
-from .transport import _TOKEN_BITS, PendingPlan, Transport, _all_groups, _Plan
+from .transport import _TOKEN_BITS, PendingPlan, Transport, _all_groups, _Plan, count_communicator
 
 @dataclass
 class HierPlan(_Plan):
@@ -76,12 +76,12 @@ class HierarchicalTransport(Transport):
         for g in all_ep_ranks:  # identical order on every rank: payload group, then its count group
             for l in range(L):
                 ranks = [g[n * L + l] for n in range(N)]
-                pgs = (dist.new_group(ranks) if N > 1 else None, self._count_pg(ranks))
+                pgs = (dist.new_group(ranks) if N > 1 else None, count_communicator(ranks))
                 if g == self.ep_ranks and l == self.local:
                     inter_pg = pgs
             for n in range(N):
                 ranks = g[n * L:(n + 1) * L]
-                pgs = (dist.new_group(ranks) if L > 1 else None, self._count_pg(ranks))
+                pgs = (dist.new_group(ranks) if L > 1 else None, count_communicator(ranks))
                 if g == self.ep_ranks and n == self.node:
                     intra_pg = pgs
         inter_members = [n * L + self.local for n in range(N)]
@@ -184,10 +184,7 @@ class HierarchicalTransport(Transport):
 
     def _gather(self, plan: HierPlan, rows, row_aux, op):
         # stage 2 reversed: expert rows back to the forwarding rank of their (token, node)
-        parts = [self._rows(rows, plan.recv_inv)]
-        if row_aux is not None:
-            parts.append(row_aux[plan.recv_inv])
-        packed, spec = _pack(parts)
+        packed, spec = self._pack_received(plan, rows, row_aux)
         st = _Stage(self, op)
         back = st.a2a(self.intra, packed, plan.s2_recv_splits, plan.s2_splits, copies=True)
         yield st

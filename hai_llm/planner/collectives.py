@@ -4,12 +4,12 @@
 the trainer issues them, with real sizes, on the SAME process groups, built by the runtime's
 own code rather than re-stated here:
 
-* the mesh (``ParallelDims.build_mesh``), the union groups of parameters held on two pipeline
-  ranks (``PipelineRuntime._build_copy_groups``: DualPipe's copies, the tied embedding of
-  1F1B/ZB1P with MTP), one 2-rank P2P group per direction (``PipelineRuntime._build_p2p_groups``
-  over ``executor.p2p_channels``; every message on ``groups[executor.CHANNEL(msg)]``) and the
-  EP count communicators (``Transport._count_pg`` per EP group: a second group over the ranks
-  of each payload group);
+* the mesh (``ParallelDims.build_mesh``), the pipeline groups
+  (``pipeline.groups.build_pipeline_groups``, as ``PipelineRuntime`` builds them: the union
+  groups of parameters held on two pipeline ranks, one 2-rank P2P group per direction, every
+  message on ``groups[executor.CHANNEL(msg)]``) and the EP count communicators
+  (``transport.count_communicator`` per EP group: a second group over the ranks of each
+  payload group);
 * per schedule action (``schedule.comm_plan``): post receives, wait, compute, send; per MoE
   layer the flat transport's count exchange, dispatch and combine (uint8 wire rows,
   ``a2a_wire._pack``: payload + fp32 routing-weight column), their backward (combine-grad, then
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from types import SimpleNamespace
 from typing import Iterable
 
 import torch
@@ -47,6 +46,10 @@ from hai_llm.layout.schedules import make_schedule
 from hai_llm.parallel.collective_trace import (CollectiveRecorder, ConsistencyReport, Record,
                                                check_consistent, simulate_ranks)
 from hai_llm.parallel.comm import all_gather_single, reduce_scatter_single
+from hai_llm.parallel.transport import count_communicator
+from hai_llm.pipeline.executor import CHANNEL
+from hai_llm.pipeline.groups import PipelineGroups, build_pipeline_groups
+from hai_llm.runtime.base import TERMS
 
 
 @dataclass(frozen=True)
@@ -110,30 +113,20 @@ def _schedule(name: str, pp: int, n_micro: int):
     return make_schedule(name, pp, n_micro)
 
 
-def _runtime_groups(dims: ParallelDims, spec: StepSpec, rank: int, sched) -> SimpleNamespace:
-    """The runtime's own group construction, run on a stand-in ``self``: ``copy_dense``,
-    ``copy_edp``, ``tied_embed`` and ``p2p_groups`` exactly as ``PipelineRuntime`` builds them
-    (collective: every rank creates every group). Imported lazily: the planner sits below the
-    runtime (tests/test_layering.py allows lazy imports upward)."""
-    from hai_llm.runtime.pipeline import PipelineRuntime
-
-    me = SimpleNamespace(dims=dims, schedule=sched, rank=rank, pp_rank=dims.coords(rank)["pp"],
-                         cfg=SimpleNamespace(model=SimpleNamespace(n_mtp_layers=spec.n_mtp_layers)),
-                         copy_dense=None, copy_edp={}, tied_embed=None, p2p_groups={})
-    if spec.pp > 1:
-        PipelineRuntime._build_copy_groups(me)
-        PipelineRuntime._build_p2p_groups(me)
-    return me
+def _runtime_groups(dims: ParallelDims, spec: StepSpec, rank: int, sched) -> PipelineGroups:
+    """The pipeline groups exactly as ``PipelineRuntime`` builds them (``build_pipeline_groups``;
+    collective: every rank creates every group)."""
+    if spec.pp == 1:
+        return PipelineGroups()
+    return build_pipeline_groups(dims, sched, rank, spec.n_mtp_layers)
 
 
 def _count_group(dims: ParallelDims, rank: int):
-    """The flat transport's count communicator of ``rank``: ``Transport._count_pg`` over every
+    """The flat transport's count communicator of ``rank``: ``count_communicator`` over every
     EP group of the world in mesh order (``build_transport``'s ``all_ep_ranks``)."""
-    from hai_llm.parallel.transport import Transport
-
     mine = None
     for g in dims.group_ranks("ep"):
-        pg = Transport._count_pg(list(g))
+        pg = count_communicator(list(g))
         if rank in g:
             mine = pg
     return mine
@@ -147,9 +140,6 @@ def _split(src: int, dst: int, mb: int, layer: int, base: int) -> int:
 
 def layout_step(rank: int, world: int, spec: StepSpec) -> None:
     """Issue one training step's collectives of ``spec`` as rank ``rank`` (see module doc)."""
-    from hai_llm.pipeline.executor import CHANNEL  # the executor's message -> channel map (lazy)
-    from hai_llm.runtime.base import TERMS
-
     dims = ParallelDims(world_size=spec.world_size, pp=spec.pp, dp=spec.dp, sp=spec.sp, ep=spec.ep,
                         gpus_per_node=spec.gpus_per_node)
     if world != dims.world_size:

@@ -50,11 +50,11 @@ import torch.distributed as dist
 
 from hai_llm.config.schema import Config
 from hai_llm.layout import Layout
-from hai_llm.layout.schedules import DualPipe
 from hai_llm.model.moe import expert_parameter_names
 from hai_llm.model.transformer import total_loss
 from hai_llm.parallel.zero import ReduceSpec
-from hai_llm.pipeline.executor import PipelineExecutor, p2p_channels
+from hai_llm.pipeline.executor import PipelineExecutor
+from hai_llm.pipeline.groups import build_pipeline_groups
 from hai_llm.pipeline.stage import PipelineModel
 
 from .base import TERMS, divisor, with_terms
@@ -86,51 +86,10 @@ class PipelineRuntime(MeshRuntime):
         self.pp_group = self.mesh.group("pp")
         self.executor: Optional[PipelineExecutor] = None
         self.transport = None
-        self._build_copy_groups()
-        self._build_p2p_groups()
-
-    # -- P2P groups: one per direction of every linked pair of pipeline ranks ---------------
-    def _build_p2p_groups(self) -> None:
-        """``self.p2p_groups = {channel: 2-rank group}`` for this rank's pp group.  Collective:
-        every rank creates the groups of every pp group (channels in ``p2p_channels`` order,
-        pp groups in mesh order), so all ranks call ``dist.new_group`` identically."""
-        mine = self.dims.group_of("pp", self.rank)
-        self.p2p_groups: dict = {}
-        for channel, (src, dst) in p2p_channels(self.schedule):
-            for ranks in self.dims.group_ranks("pp"):
-                g = dist.new_group(sorted((ranks[src], ranks[dst])))
-                if ranks == mine and self.pp_rank in (src, dst):
-                    self.p2p_groups[channel] = g
-
-    # -- process groups of duplicated parameters -------------------------------------------
-    def _build_copy_groups(self) -> None:
-        """Union groups of the dp x sp (and edp) groups of two pipeline ranks holding the same
-        parameters.  Collective: every rank creates every group, in the same order."""
-        d = self.dims
-        stage_ranks = d.group_ranks("dp_sp")
-        edp = d.group_ranks("edp")  # ordered (stage, ep coordinate)
-        self.copy_dense = None  # (group, ranks) every parameter of this rank is reduced over
-        self.copy_edp: dict = {}  # ep coordinate -> (group, ranks)
-        self.tied_embed = None
-        if isinstance(self.schedule, DualPipe):
-            for p in range(d.pp // 2):
-                q = d.pp - 1 - p
-                ranks = sorted(stage_ranks[p] + stage_ranks[q])
-                g = dist.new_group(ranks)
-                mine = self.pp_rank in (p, q)
-                if mine:
-                    self.copy_dense = (g, ranks)
-                if d.ep > 1:
-                    for k in range(d.ep):
-                        er = sorted(edp[p * d.ep + k] + edp[q * d.ep + k])
-                        ge = dist.new_group(er)
-                        if mine:
-                            self.copy_edp[k] = (ge, er)
-        elif self.cfg.model.n_mtp_layers > 0 and d.pp > 1 and self.schedule.chunks_per_rank == 1:
-            ranks = sorted(stage_ranks[0] + stage_ranks[d.pp - 1])
-            g = dist.new_group(ranks)
-            if self.pp_rank in (0, d.pp - 1):
-                self.tied_embed = (g, ranks)
+        # P2P channels (one per direction) and the DualPipe / tied-embedding union groups
+        g = build_pipeline_groups(dims, self.schedule, self.rank, cfg.model.n_mtp_layers)
+        self.p2p_groups, self.copy_dense, self.copy_edp, self.tied_embed = \
+            g.p2p_groups, g.copy_dense, g.copy_edp, g.tied_embed
 
     # -- model -----------------------------------------------------------------------------
     def prepare_model(self, model, device=None) -> PipelineModel:
