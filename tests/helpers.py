@@ -4,7 +4,7 @@ every helper two test files need; fixtures live in conftest.py.
 Sections are independent; each says what it is for: numbers and configs (``rel_err``,
 ``LaunchSpy`` for kernel launch arguments, ``fast_config`` for dotted overrides, ``layout_config``
 for parallel layouts), parallel runs against one process (``run_steps``, ``single_process``, ``rank_body``, ``stitch``, ``fit_rank``),
-expert-parallel reference reductions, device checks of collectives, Hugging Face interop models
+expert-parallel reference reductions, Hugging Face interop models
 (``interop_args``, ``tiny_hf_config``, ``randomize``, ``hf_model``, ``our_model``).
 """
 from __future__ import annotations
@@ -116,89 +116,6 @@ def global_expert_load(local_counts_LE: torch.Tensor, group=None) -> torch.Tenso
     if group is not None or dist.is_initialized():
         dist.all_reduce(load, group=group)
     return load
-
-
-# =========================================================================================
-# Device placement: every tensor handed to a collective is on the model's device
-# =========================================================================================
-# NCCL takes only CUDA tensors of the rank's own device; gloo takes anything, so a CPU run
-# never notices a tensor built without ``device=``. ``CollectivesOnDevice(dev)`` patches the
-# torch.distributed collectives and P2P calls (the list of ``hai_llm.parallel.collective_trace``)
-# so that each call first checks its tensor arguments: on ``dev`` and not meta, else an
-# AssertionError naming the op, the tensor and the first hai_llm frame that issued it. Combined
-# with ``torch.set_default_device("meta")`` inside a rank whose model lives on an explicit CPU
-# device, a tensor created without a device fails loudly at its first use or collective.
-
-
-def _caller_frame() -> str:
-    """``file:line`` of the innermost hai_llm (or test) frame on the stack."""
-    import traceback
-
-    for fr in reversed(traceback.extract_stack()[:-2]):
-        if "/hai_llm/" in fr.filename or "/launch/" in fr.filename:
-            return f"{fr.filename.split('/hai_llm/')[-1]}:{fr.lineno} ({fr.name})"
-    return "?"
-
-
-def _tensors_in(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors_in(v)
-
-
-class CollectivesOnDevice:
-    """Context manager: every collective / P2P tensor must be on ``device`` (not meta).
-    ``calls`` counts the checked calls per op (a test can assert that the paths it meant to
-    cover did communicate)."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.calls: dict[str, int] = {}
-        self._saved: list = []
-
-    def __enter__(self):
-        import inspect
-
-        import torch.distributed as dist
-        import torch.distributed.distributed_c10d as c10d
-        from hai_llm.parallel.collective_trace import _SPECS
-
-        depth = [0]
-        for name, spec in _SPECS.items():
-            orig = getattr(c10d, name, None)
-            if orig is None or not spec.get("tensors"):
-                continue  # object collectives: torch builds their tensors itself
-            sig = inspect.signature(orig)
-
-            def wrapper(*args, __orig=orig, __sig=sig, __name=name, __spec=spec, **kwargs):
-                if depth[0]:
-                    return __orig(*args, **kwargs)
-                bound = __sig.bind(*args, **kwargs)
-                for arg in __spec["tensors"]:
-                    for t in _tensors_in(bound.arguments.get(arg)):
-                        if t.is_meta or t.device != self.device:
-                            raise AssertionError(
-                                f"{__name}({arg}) got a {tuple(t.shape)} {t.dtype} tensor on {t.device}, "
-                                f"expected {self.device}; issued at {_caller_frame()}")
-                self.calls[__name] = self.calls.get(__name, 0) + 1
-                depth[0] += 1
-                try:
-                    return __orig(*args, **kwargs)
-                finally:
-                    depth[0] -= 1
-
-            for mod in (c10d, dist):
-                if getattr(mod, name, None) is orig:
-                    self._saved.append((mod, name, orig))
-                    setattr(mod, name, wrapper)
-        return self
-
-    def __exit__(self, *exc):
-        for mod, name, orig in reversed(self._saved):
-            setattr(mod, name, orig)
-        self._saved.clear()
 
 
 # =========================================================================================

@@ -5,8 +5,8 @@ with the model's must be on its device; on gloo CPU ranks a tensor built without
 works by accident. Here each rank sets ``torch.set_default_device("meta")`` while the model and
 data live on an explicit CPU device (``train.device=cpu``), so a tensor created without the
 model's device is a meta tensor and fails at its first use, and every collective and P2P call
-goes through ``helpers.CollectivesOnDevice``, which asserts its tensors are on the model's
-device (the message names the op and the hai_llm line that issued it).
+is recorded by ``hai_llm.parallel.collective_trace`` with its tensors' devices, all asserted to
+be the model's device (the message names the op, its position and its tensors' shapes).
 
 Paths (gloo ranks, fp32 unless said, one step, a save with an EMA (``train.ema_decay > 0``), a
 resume in a fresh trainer and one more step): the pipeline (pp2 DualPipe with expert parallelism inside:
@@ -43,14 +43,15 @@ def placement_rank(rank: int, world: int, cases: list) -> dict:
     meta default device and the collective device check; returns the checked call counts."""
     import torch
 
-    from helpers import CollectivesOnDevice
     from hai_llm.layout import build_layout
+    from hai_llm.parallel.collective_trace import CollectiveRecorder
     from hai_llm.runtime import build_runtime
     from hai_llm.train.trainer import Trainer
 
     torch.set_default_device("meta")
+    rec = CollectiveRecorder()  # records every call (with its tensors' devices) before issuing it
     try:
-        with CollectivesOnDevice("cpu") as check:
+        with rec:
             for cfg, resume_to in cases:
                 tr = Trainer(cfg, runtime=build_runtime(cfg, build_layout(cfg, world)))
                 for r in tr.fit():
@@ -60,9 +61,17 @@ def placement_rank(rank: int, world: int, cases: list) -> dict:
                     tr = Trainer(cfg2, runtime=build_runtime(cfg2, build_layout(cfg2, world)))
                     assert tr.step == cfg.train.steps, "the checkpoint was not resumed"
                     tr.fit()
-        return dict(check.calls)
     finally:
         torch.set_default_device(None)
+        # NCCL takes only tensors on the rank's own device: every one must be on the model's
+        # (a meta one, created without device=, fails here if gloo did not already reject it)
+        for r in rec.traces.get(rank, []):
+            bad = [d for d in r.devices if d != "cpu"]
+            assert not bad, f"collective #{r.index} {r.op} {r.shapes} got tensors on {bad}, expected cpu"
+    calls: dict[str, int] = {}
+    for r in rec.traces.get(rank, []):
+        calls[r.op] = calls.get(r.op, 0) + 1
+    return calls
 
 
 @pytest.mark.dist

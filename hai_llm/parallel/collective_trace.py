@@ -101,6 +101,7 @@ class Record:
     reduce_op: str | None = None
     count: int | None = None  # object collectives: list length
     batched: bool = False  # issued through batch_isend_irecv
+    devices: tuple[str, ...] = ()  # device of each tensor argument (NCCL takes only the rank's GPU)
 
     @property
     def kind(self) -> str:
@@ -259,6 +260,7 @@ class CollectiveRecorder:
         if group is None:  # not a member: torch returns without communicating
             return
         shapes: list[tuple[int, ...]] = []
+        devices: list[str] = []
         dtype = None
         for arg in spec.get("tensors", ()):
             v = a.get(arg)
@@ -271,6 +273,7 @@ class CollectiveRecorder:
                 for tt in items2:
                     if isinstance(tt, torch.Tensor):
                         shapes.append(tuple(tt.shape))
+                        devices.append(str(tt.device))
                         dtype = dtype or str(tt.dtype)
         peer = None
         if "root" in spec:
@@ -294,7 +297,7 @@ class CollectiveRecorder:
         trace.append(Record(rank=rank, index=len(trace), op=name, group=group, shapes=tuple(shapes),
                             dtype=dtype, peer=peer, splits=splits,
                             reduce_op=None if red is None else _red_name(red), count=count,
-                            batched=batched))
+                            batched=batched, devices=tuple(devices)))
 
 
 def _red_name(op) -> str:
