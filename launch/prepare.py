@@ -30,6 +30,7 @@ from hai_llm.data.tokenizer import Tokenizer, build_tokenizer
 
 # meta.json fields repeated by --json (the full file stays in DIR/meta.json).
 _SUMMARY_FIELDS = ("n_tokens", "n_documents", "n_files", "n_text_bytes", "truncated_at_max_bytes",
+                   "n_files_with_decode_errors",
                    "vocab_size", "dtype", "tokenizer", "source_description", "content_sha256")
 
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = _sample_text(out, tok, args.show) if args.show else None
     if args.json:
         summary = {k: meta[k] for k in _SUMMARY_FIELDS}
+        summary["n_bytes_replaced"] = meta.get("n_bytes_replaced")  # absent in folders prepared before it existed
         summary.update(out=str(out), seconds=round(elapsed, 3))
         if sample is not None:
             summary["sample"] = sample
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{meta['n_text_bytes']} text bytes"
           f"{', truncated at max_bytes' if meta['truncated_at_max_bytes'] else ''})")
     print(f"tokenizer: {meta['tokenizer']} (vocab_size {meta['vocab_size']}, {meta['dtype']})")
+    if meta.get("n_files_with_decode_errors"):
+        print(f"replaced:  {meta.get('n_bytes_replaced', '?')} undecodable bytes in "
+              f"{meta['n_files_with_decode_errors']} file(s) by U+FFFD (not valid UTF-8)")
     print(f"source:    {meta['source_description']}")
     print(f"out:       {out}")
     print(f"time:      {elapsed:.2f}s")

@@ -22,7 +22,10 @@ def _with(cfg, steps, **parallel):
 @pytest.mark.dist
 def test_resume_across_layouts(corpus_dir, tmp_path):
     base = layout_config(str(corpus_dir), str(tmp_path / "straight"), steps=4)
-    base = dataclasses.replace(base, train=dataclasses.replace(base.train, ema_decay=0.5))
+    # a constant lr: the runs below stop at step 2 and are resumed with train.steps=4, and a cosine
+    # schedule keeps the horizon a run started with (2), unlike the straight 4-step run
+    base = dataclasses.replace(base, train=dataclasses.replace(base.train, ema_decay=0.5),
+                               optim=dataclasses.replace(base.optim, schedule="constant"))
     straight = [r.loss for r in Trainer(base).fit()]
 
     # dp2 writes step 2; one process continues to step 4

@@ -176,6 +176,7 @@ def _listing_sha256(files: list[Path]) -> str:
 class _ReadStats:
     files_read: int = 0
     files_with_decode_errors: int = 0
+    bytes_replaced: int = 0  # undecodable bytes, each replaced (with its invalid run) by U+FFFD
     empty_documents: int = 0
 
 
@@ -188,7 +189,13 @@ def _decode(raw: bytes, stats: _ReadStats, counted: list[bool]) -> str:
         if not counted[0]:
             stats.files_with_decode_errors += 1
             counted[0] = True
-        return raw.decode("utf-8", errors="replace")
+        text = raw.decode("utf-8", errors="replace")
+        # valid parts round-trip byte for byte, so the bytes replaced are the raw length minus
+        # the re-encoded text without the U+FFFDs the decoder inserted (3 bytes each; U+FFFD
+        # already present in the source, EF BF BD, is valid and not counted)
+        inserted = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+        stats.bytes_replaced += len(raw) - (len(text.encode("utf-8")) - 3 * inserted)
+        return text
 
 
 def iter_documents(files: list[Path], text_field: str, stats: _ReadStats) -> Iterator[str]:
@@ -346,6 +353,7 @@ def _prepare(tok: Tokenizer, sources: list[str], patterns: tuple[str, ...],
         "n_files": stats.files_read,
         "n_files_matched": len(files),
         "n_files_with_decode_errors": stats.files_with_decode_errors,
+        "n_bytes_replaced": stats.bytes_replaced,
         "n_empty_documents_skipped": stats.empty_documents,
         "n_text_bytes": state["bytes"],
         "truncated_at_max_bytes": state["truncated"],
@@ -380,6 +388,11 @@ def prepare_corpus(sources: str | os.PathLike | Sequence[str | os.PathLike] | No
                     Path(out_dir).expanduser().resolve())
 
 
+# what TokenDataset reads from meta.json
+_META_KEYS = ("format_version", "dtype", "n_tokens", "vocab_size", "max_token_id", "eos_id", "bos_id",
+              "content_sha256")
+
+
 def load_meta(out_dir: str | os.PathLike) -> dict:
     """The ``meta.json`` of a prepared directory, with a clear error if there is none."""
     path = Path(out_dir).expanduser() / META_FILE
@@ -388,7 +401,14 @@ def load_meta(out_dir: str | os.PathLike) -> dict:
             f"no prepared corpus at {Path(out_dir)} ({META_FILE} missing); run "
             f"`hai-llm-prepare --out {out_dir}` or call ensure_prepared(...) first"
         )
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not valid JSON ({exc}); re-run hai-llm-prepare --out {out_dir} "
+                         f"(it rewrites {META_FILE})") from exc
+    missing = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; re-run hai-llm-prepare --out {out_dir}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has format_version {meta.get('format_version')}, this code reads "
