@@ -29,6 +29,17 @@ returns the traces, and a deliberately inconsistent program is reported instead 
 The planner uses it to check a whole layout's step with real shapes on meta tensors
 (``hai_llm.planner.collectives``).
 
+Always on: the flight recorder
+------------------------------
+``CollectiveRing`` is the same recorder with a bounded memory: the last ``capacity``
+collectives of this process, each with its sequence number, and the one it is blocked in
+right now (with since when). Every rank of a real run keeps one (``hai_llm.parallel.spawn``
+for simulated ranks, ``hai_llm.launch.ranks`` under torchrun); ``hai_llm.parallel.watchdog``
+prints it when a collective times out, so the rank that issued something else, or nothing,
+is visible at once. A ``CollectiveRecorder`` may be entered while a ring is active (it
+stacks on top; each records a call once, at its own outermost call); the reverse is not
+needed and refused like two recorders.
+
 Limits: functions bound before patching (``from torch.distributed import all_reduce``; our
 own code looks them up at call time, see ``hai_llm.parallel.comm``) and functional
 collectives (``torch.distributed._functional_collectives``, used by DTensor) are not seen. Groups are identified by their rank tuples, so two communicators over the same
@@ -37,9 +48,11 @@ checked as one ordered sequence: stricter than NCCL needs, never laxer.
 """
 from __future__ import annotations
 
+import collections
 import inspect
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -144,13 +157,6 @@ class Record:
         return f"{self.op}({'; '.join(bits)}) [rank {self.rank} op #{self.index}]"
 
 
-class _Guard(threading.local):
-    depth = 0
-
-
-_guard = _Guard()
-
-
 class CollectiveRecorder:
     """Context manager recording every ``torch.distributed`` collective and P2P call.
 
@@ -163,11 +169,36 @@ class CollectiveRecorder:
         self.traces: dict[int, list[Record]] = {}
         self._saved: list[tuple[Any, str, Any]] = []
         self._group_ranks: dict[Any, tuple[int, ...]] = {}
+        self._issued: dict[int, int] = {}  # rank -> records issued so far (the next index)
+        self._red_names: dict[Any, str] = {}  # ReduceOp -> its name (str() of one is slow)
+        # per recorder and thread: >0 inside a call this recorder already recorded (torch's
+        # own nested calls are not recorded again; a stacked recorder keeps its own count)
+        self._guard = threading.local()
+
+    def _new_trace(self) -> list[Record]:
+        return []
+
+    def _red_name(self, op) -> str:
+        try:
+            name = self._red_names.get(op)
+        except TypeError:  # unhashable (a premul-sum op)
+            return _red_name(op)
+        if name is None:
+            name = self._red_names[op] = _red_name(op)
+        return name
+
+    def _started(self, rec: Record) -> None:
+        """Called right before the recorded call runs (the ring notes it as in flight)."""
+
+    def _finished(self, rec: Record, failed: bool) -> None:
+        """Called when the recorded call returned (``failed`` False) or raised."""
 
     # -- patching ---------------------------------------------------------------------
     def __enter__(self) -> "CollectiveRecorder":
-        # the patched torch.distributed itself says whether a recorder is active (no registry)
-        if any(getattr(getattr(dist, n, None), "_collective_recorder", None) is not None for n in _SPECS):
+        # the patched torch.distributed itself says whether a recorder is active (no registry);
+        # a recorder may stack on a flight-recorder ring, nothing else stacks
+        active = {getattr(getattr(dist, n, None), "_collective_recorder", None) for n in _SPECS} - {None}
+        if active and (isinstance(self, CollectiveRing) or not all(isinstance(a, CollectiveRing) for a in active)):
             raise RuntimeError("a CollectiveRecorder is already active")
         originals = {}
         for name in list(_SPECS) + ["batch_isend_irecv"]:
@@ -190,34 +221,41 @@ class CollectiveRecorder:
         self._saved.clear()
 
     def _wrap(self, name: str, orig: Callable) -> Callable:
-        sig = inspect.signature(orig)
+        bind = _binder(inspect.signature(orig))
         spec = _SPECS[name]
+        guard = self._guard
 
         def wrapper(*args, **kwargs):
-            if _guard.depth:
+            if getattr(guard, "depth", 0):
                 return orig(*args, **kwargs)
-            _guard.depth += 1
+            guard.depth = 1
+            rec = None
             try:
-                try:
-                    bound = sig.bind(*args, **kwargs)
-                except TypeError:
-                    bound = None  # let torch raise its own error
-                if bound is not None:
-                    bound.apply_defaults()
-                    self._record(name, spec, bound.arguments)
-                return orig(*args, **kwargs)
+                arguments = bind(args, kwargs)
+                if arguments is not None:  # else let torch raise its own error
+                    rec = self._record(name, spec, arguments)
+                out = orig(*args, **kwargs)
+            except BaseException:
+                if rec is not None:
+                    self._finished(rec, failed=True)
+                raise
             finally:
-                _guard.depth -= 1
+                guard.depth = 0
+            if rec is not None:
+                self._finished(rec, failed=False)
+            return out
 
         wrapper.__wrapped__ = orig
         wrapper.__name__ = name
         return wrapper
 
     def _wrap_batch(self, orig: Callable) -> Callable:
+        guard = self._guard
+
         def batch_isend_irecv(p2p_op_list):
-            if _guard.depth:
+            if getattr(guard, "depth", 0):
                 return orig(p2p_op_list)
-            _guard.depth += 1
+            guard.depth = 1
             saved_ops = [p.op for p in p2p_op_list]
             try:
                 send_fns = {self._originals["isend"], getattr(c10d, "isend")}
@@ -240,7 +278,7 @@ class CollectiveRecorder:
             finally:
                 for p, op in zip(p2p_op_list, saved_ops):
                     p.op = op
-                _guard.depth -= 1
+                guard.depth = 0
 
         batch_isend_irecv.__wrapped__ = orig
         return batch_isend_irecv
@@ -255,10 +293,10 @@ class CollectiveRecorder:
             self._group_ranks[group] = tuple(dist.get_process_group_ranks(group))
         return self._group_ranks[group]
 
-    def _record(self, name: str, spec: dict, a: dict, batched: bool = False) -> None:
+    def _record(self, name: str, spec: dict, a: dict, batched: bool = False) -> Record | None:
         group = self._ranks_of(a.get("group"))
         if group is None:  # not a member: torch returns without communicating
-            return
+            return None
         shapes: list[tuple[int, ...]] = []
         devices: list[str] = []
         dtype = None
@@ -293,11 +331,109 @@ class CollectiveRecorder:
             count = len(a[obj])
         red = a.get(spec["reduce"]) if "reduce" in spec else None
         rank = dist.get_rank()
-        trace = self.traces.setdefault(rank, [])
-        trace.append(Record(rank=rank, index=len(trace), op=name, group=group, shapes=tuple(shapes),
-                            dtype=dtype, peer=peer, splits=splits,
-                            reduce_op=None if red is None else _red_name(red), count=count,
-                            batched=batched, devices=tuple(devices)))
+        trace = self.traces.get(rank)
+        if trace is None:
+            trace = self.traces[rank] = self._new_trace()
+        index = self._issued.get(rank, 0)
+        self._issued[rank] = index + 1
+        rec = Record(rank=rank, index=index, op=name, group=group, shapes=tuple(shapes), dtype=dtype, peer=peer,
+                     splits=splits, reduce_op=None if red is None else self._red_name(red), count=count,
+                     batched=batched, devices=tuple(devices))
+        trace.append(rec)
+        self._started(rec)
+        return rec
+
+
+class CollectiveRing(CollectiveRecorder):
+    """The flight recorder: the last ``capacity`` collectives this process issued (``last()``,
+    oldest first, ``Record.index`` = sequence number since the ring was entered) and the call
+    it is inside right now (``in_flight()``: the record and how long it has been running).
+
+    Cheap enough to stay on for a whole run: one bounded deque append and two clock reads per
+    collective, next to a network operation. Calls that return at once (``async_op=True``,
+    ``isend``/``irecv``) are in flight only while torch posts them; a hang shows up at the
+    ``wait()`` or at the next blocking collective, which the ring names.
+    """
+
+    def __init__(self, capacity: int = 32) -> None:
+        super().__init__()
+        if capacity < 1:
+            raise ValueError(f"CollectiveRing capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._current: tuple[Record, float] | None = None  # (record, monotonic start); main thread's
+        self._failed: tuple[Record, float] | None = None  # the last call that raised, after how long
+
+    def _new_trace(self) -> collections.deque:
+        return collections.deque(maxlen=self.capacity)
+
+    def _started(self, rec: Record) -> None:
+        self._current = (rec, time.monotonic())
+
+    def _finished(self, rec: Record, failed: bool) -> None:
+        cur = self._current
+        if cur is not None and cur[0] is rec:
+            self._current = None
+            if failed:
+                self._failed = (rec, time.monotonic() - cur[1])
+
+    def last(self) -> list[Record]:
+        """The recorded collectives of this process, oldest first (at most ``capacity``)."""
+        return [r for trace in list(self.traces.values()) for r in list(trace)]
+
+    def in_flight(self) -> tuple[Record, float] | None:
+        """(the call this process is blocked in, seconds since it started), or None."""
+        cur = self._current
+        return None if cur is None else (cur[0], time.monotonic() - cur[1])
+
+    def report(self, rank: int | None = None, n: int = 8) -> str:
+        """A few lines for a human: this rank's last ``n`` collectives, the blocked one marked."""
+        recs = self.last()[-n:]
+        cur = self.in_flight()
+        who = f"rank {rank}" if rank is not None else "this process"
+        if not recs:
+            return f"{who}: issued no collective yet"
+        lines = [f"{who}: last {len(recs)} collectives (oldest first; #sequence op(shapes; dtype; ...) on group):"]
+        for r in recs:
+            mark = ""
+            if cur is not None and cur[0] is r:
+                mark = f"   <-- blocked here for {cur[1]:.1f} s"
+            elif self._failed is not None and self._failed[0] is r:
+                mark = f"   <-- failed here after {self._failed[1]:.1f} s"
+            lines.append(f"  #{r.index} {r.describe().rsplit(' [', 1)[0]} on group {_short(r.group)}{mark}")
+        return "\n".join(lines)
+
+
+def _binder(sig: inspect.Signature) -> Callable[[tuple, dict], dict | None]:
+    """``bind(args, kwargs)`` -> {parameter: value} with defaults applied, or None when the
+    call does not fit the signature. The usual case (plain parameters, no ``*args``) is a
+    dict built from precomputed names, several times cheaper than ``Signature.bind`` plus
+    ``apply_defaults``, which matters for a recorder that stays on for a whole run."""
+    params = list(sig.parameters.values())
+    plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+    positional = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+    required = {p.name for p in params if p.default is p.empty}
+
+    def slow(args: tuple, kwargs: dict) -> dict | None:
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        return bound.arguments
+
+    def fast(args: tuple, kwargs: dict) -> dict | None:
+        if len(args) > len(positional):
+            return None
+        a = dict(defaults)
+        a.update(zip(positional, args))
+        for k, v in kwargs.items():
+            if k not in sig.parameters or k in positional[:len(args)]:
+                return None
+            a[k] = v
+        return a if required <= a.keys() else None
+
+    return fast if plain else slow
 
 
 def _red_name(op) -> str:

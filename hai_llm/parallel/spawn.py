@@ -3,20 +3,48 @@
 The single way hai-llm starts simulated ranks: the launcher's ``parallel.nprocs`` runs
 and every parallel test go through ``run_ranks``. Each rank gets one OpenMP thread, a
 process group initialised from a free loopback port, and its return value (or its
-exception with traceback) is shipped back through a queue. A rank that hangs is killed
-at ``timeout`` seconds and the call fails naming the ranks that did not finish, so a
-collective mismatch shows up as an error instead of a stuck test run.
+exception with traceback) is shipped back through a queue.
+
+Faults, and what the caller sees (docs/failures_launch.md):
+
+* A rank dies (signal, ``os._exit``, OOM kill) or raises: the others are stopped within
+  ``grace_s`` and ``RankError`` names the cause first, "rank 1 of 4 died: killed by
+  SIGKILL", with that rank's last stderr lines. Ranks that then failed only because their
+  peer's socket closed ("Connection reset by peer") are listed as consequences, one line
+  each, after the cause; their stderr stops being echoed once the first failure is seen.
+* A collective hangs: every rank runs under ``hai_llm.parallel.watchdog.CollectiveWatchdog``
+  with ``collective_timeout_s``; a rank that times out reports its last collectives and the
+  error lists each rank's report. ``timeout`` (the whole call) stays as the last resort.
+* The launcher dies (SIGKILL, or any exit): ranks die with it (``die_with_parent``); they
+  never keep training into the run folder. The launcher leaving ``run_ranks`` by an
+  exception (Ctrl-C, SIGTERM turned into an exception by ``hai_llm.launch.train``) kills
+  the ranks before the exception goes on. Ranks ignore SIGINT, which a terminal sends to
+  the whole process group: the launcher alone turns Ctrl-C into one line.
+
+Each rank's stderr goes through a pipe to a thread here, which echoes it and keeps the last
+lines, so a rank killed by SIGKILL still has its last words in the report.
 """
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import queue as queue_mod
+import re
+import signal
 import socket
+import sys
+import threading
+import time
 import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+
+from hai_llm.parallel.watchdog import CollectiveWatchdog, as_timedelta, die_with_parent, is_peer_lost
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+TAIL_LINES = 12  # stderr lines of the failed rank quoted in the error
 
 
 def free_port() -> int:
@@ -29,19 +57,40 @@ class RankError(RuntimeError):
     pass
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, q, threads: int, backend: str) -> None:
+def signal_name(code: int) -> str:
+    try:
+        return signal.Signals(code).name
+    except ValueError:
+        return f"signal {code}"
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, q, threads: int, backend: str,
+           err_pipe, parent: int, collective_timeout_s: float) -> None:
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    os.dup2(err_pipe.fileno(), 2)  # stderr through the launcher (echoed, last lines kept)
+    err_pipe.close()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS=str(threads), HAI_LLM_SIMULATED="1")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
+
+    def hung(report: str) -> None:  # the watchdog thread, right before it ends this process
+        q.put((rank, "error", report))
+        q.close()
+        q.join_thread()
+
+    dog = CollectiveWatchdog(rank, collective_timeout_s, on_hang=hung)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world)
-        out = fn(rank, world, *args)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=as_timedelta(collective_timeout_s))
+        with dog:
+            out = fn(rank, world, *args)
         q.put((rank, "ok", pickle.dumps(out)))
     except BaseException as e:  # report everything, including KeyboardInterrupt in a child
-        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        ring = dog.describe_failure(e)
+        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}" + (f"\n{ring}" if ring else "")))
     finally:
         if dist.is_initialized():
             try:
@@ -50,57 +99,201 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, q, threa
                 pass
 
 
+class _StderrPump(threading.Thread):
+    """Echo one rank's stderr (raw bytes from its pipe) and keep its last lines."""
+
+    def __init__(self, conn, echo: threading.Event):
+        super().__init__(daemon=True)
+        self.fd = conn.fileno()
+        self.conn = conn
+        self.echo = echo
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        self._partial = b""
+
+    def run(self) -> None:
+        out = getattr(sys.stderr, "buffer", None)
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            if self.echo.is_set() and out is not None:
+                try:
+                    out.write(chunk)
+                    out.flush()
+                except (OSError, ValueError):
+                    pass
+            *full, self._partial = (self._partial + chunk).split(b"\n")
+            self.lines.extend(b.decode("utf-8", "replace") for b in full)
+        if self._partial:
+            self.lines.append(self._partial.decode("utf-8", "replace"))
+        self.conn.close()
+
+    def tail(self, n: int = TAIL_LINES) -> list[str]:
+        # tqdm redraws with carriage returns: keep what the terminal would show last
+        return [ln.rsplit("\r", 1)[-1] for ln in list(self.lines)[-n:] if ln.strip()]
+
+
+def _how_it_ended(proc) -> str:
+    code = proc.exitcode
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal_name(-code)}"
+    return f"exited with code {code} without a result"
+
+
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300.0, threads: int = 1,
-              backend: str = "gloo") -> list[Any]:
+              backend: str = "gloo", collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+              grace_s: float = 3.0) -> list[Any]:
     """``[fn(0, world, *args), ..., fn(world-1, world, *args)]`` computed on ``world``
-    processes. ``fn`` must be importable (a module-level function)."""
+    processes. ``fn`` must be importable (a module-level function). ``timeout``: the whole
+    call; ``collective_timeout_s``: one collective (the process group's timeout and the
+    watchdog's); ``grace_s``: how long the other ranks get to report after the first failure
+    before they are killed."""
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, q, threads, backend), daemon=False)
-             for r in range(world)]
-    for p in procs:
-        p.start()
+    echo = threading.Event()
+    echo.set()
+    procs, pumps = [], []
+    try:
+        for r in range(world):
+            reader, writer = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_entry, args=(r, world, port, fn, args, q, threads, backend, writer, os.getpid(),
+                                                 collective_timeout_s), daemon=False)
+            _start_ignoring_sigint(p)
+            writer.close()
+            pump = _StderrPump(reader, echo)
+            pump.start()
+            procs.append(p)
+            pumps.append(pump)
+        results, errors = _collect(procs, q, world, timeout, grace_s, echo, collective_timeout_s)
+    finally:
+        _stop(procs)  # also when the caller is interrupted (Ctrl-C, SIGTERM): no rank outlives this call
+        for pump in pumps:
+            pump.join(timeout=2.0)
+    missing = [r for r in range(world) if r not in results and r not in errors]
+    if errors or missing:
+        raise RankError(_explain(world, errors, missing, procs, pumps))
+    return [results[r] for r in range(world)]
+
+
+def _start_ignoring_sigint(proc) -> None:
+    """Start ``proc`` with SIGINT ignored from its first instruction (an ignored signal stays
+    ignored across exec, and Python then installs no KeyboardInterrupt handler), so a Ctrl-C
+    while the rank is still importing prints nothing there. Only the main thread may change
+    signal handlers; elsewhere ``_entry`` ignores SIGINT once it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _collect(procs, q, world: int, timeout: float, grace_s: float, echo: threading.Event,
+             collective_timeout_s: float):
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
-    import time
-
     deadline = time.monotonic() + timeout
+    first_failure = None
     while len(results) + len(errors) < world:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        now = time.monotonic()
+        if now >= deadline:
             break
         try:
-            rank, status, payload = q.get(timeout=min(left, 1.0))
+            rank, status, payload = q.get(timeout=min(deadline - now, 0.2))
         except queue_mod.Empty:
-            if errors and all(not p.is_alive() or r in errors or r in results for r, p in enumerate(procs)):
-                break
-            # a rank died without reporting (segfault, OOM kill)
-            dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results and r not in errors]
-            if dead and q.empty():
-                time.sleep(0.5)
-                if q.empty():
-                    for r in dead:
-                        errors[r] = f"rank {r} exited with code {procs[r].exitcode} without a result"
+            # a rank that ended without reporting (signal, os._exit, OOM kill): give its queue
+            # message (if any) a moment to arrive, then count it
+            dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results and r not in errors]
+            for r in dead:
+                if time.monotonic() - _ended_at(procs[r]) > 0.5:
+                    errors[r] = ""
+            if (errors or dead) and first_failure is None:
+                first_failure = time.monotonic()
+            if first_failure is not None:
+                echo.clear()  # from now on the survivors' output is consequences: keep it, do not echo it
+                deadline = min(deadline, first_failure + grace_s)
             continue
         if status == "ok":
             results[rank] = pickle.loads(payload)
         else:
             errors[rank] = payload
-            # the others are probably blocked in a collective with the failed rank: give
-            # them a moment to fail on their own, then stop them
-            deadline = min(deadline, time.monotonic() + 10.0)
+            if first_failure is None:
+                first_failure = time.monotonic()
+                echo.clear()
+                # the others are probably blocked in a collective with the failed rank: give
+                # them a moment to fail on their own (their reports), then stop them; after a
+                # timeout, long enough for the watchdogs of ranks blocked in other groups
+                wait = grace_s + (2.0 + 0.1 * collective_timeout_s if "collective timeout" in payload else 0.0)
+                deadline = min(deadline, first_failure + wait)
+    return results, errors
+
+
+def _ended_at(proc) -> float:
+    """When we first saw ``proc`` ended (stored on the process object)."""
+    if not hasattr(proc, "_hai_ended_at"):
+        proc._hai_ended_at = time.monotonic()
+    return proc._hai_ended_at
+
+
+def _stop(procs) -> None:
     for p in procs:
-        p.join(timeout=0.1)
         if p.is_alive():
             p.kill()
-            p.join()
-    missing = [r for r in range(world) if r not in results and r not in errors]
-    if errors or missing:
-        msg = [f"{len(errors)} of {world} ranks failed" + (f"; ranks {missing} did not finish (hang?)" if missing else "")]
-        for r in list(errors)[:4]:  # in reporting order: the root cause first
-            msg.append(f"--- rank {r} ---\n{errors[r]}")
-        raise RankError("\n".join(msg))
-    return [results[r] for r in range(world)]
+    for p in procs:
+        p.join(timeout=10.0)
+
+
+def _ring_report(payload: str) -> str:
+    """The flight-recorder part of a rank's error payload (``CollectiveWatchdog.describe_failure``)."""
+    m = re.search(r"^(collective timeout|lost a peer) \(parallel\.collective_timeout_s", payload, re.MULTILINE)
+    return payload[m.start():] if m else ""
+
+
+def _explain(world: int, errors: dict[int, str], missing: list[int], procs, pumps) -> str:
+    """The error message: causes first (with their last stderr lines), consequences after."""
+    died = {r for r, e in errors.items() if e == ""}  # ended without a word: a signal or os._exit
+    raised = {r for r, e in errors.items() if e != "" and not is_peer_lost(e.split("\n", 1)[0])}
+    consequences = sorted(set(errors) - died - raised)
+    causes = sorted(died | raised) or consequences  # only peer losses: nothing better to lead with
+    if causes is consequences:
+        consequences = []
+    lines = []
+    timeouts = [r for r in causes if r in raised and "collective timeout" in errors[r]]
+    if timeouts:
+        lines.append(f"collective timeout on rank(s) {timeouts} of {world}: each rank's last collectives follow "
+                     f"(a rank that issued something else, or stopped issuing, is the mismatch)")
+    shown: dict[str, list[int]] = {}  # error head -> ranks (the same error on every rank is shown once)
+    for r in causes:
+        if r in died:
+            lines.append(f"rank {r} of {world} died: {_how_it_ended(procs[r])}; its last lines:")
+            lines += [f"    {ln}" for ln in pumps[r].tail()] or ["    (nothing on stderr)"]
+            continue
+        head, _, rest = errors[r].partition("\n")
+        if head in shown and not timeouts:
+            shown[head].append(r)
+            continue
+        shown[head] = [r]
+        lines.append(f"rank {r} of {world} failed: {head}")
+        lines.append(rest.rstrip())
+    for head, ranks in shown.items():
+        if len(ranks) > 1:
+            lines.append(f"(ranks {ranks[1:]} failed with the same error: {head[:200]})")
+    if consequences:
+        lines.append(f"then rank(s) {consequences} failed because their peer went away (consequences, not causes):")
+        for r in consequences[:8]:
+            lines.append(f"    rank {r}: {errors[r].split(chr(10), 1)[0][:200]}")
+            if timeouts:  # a hang: every rank's last collectives are the evidence
+                lines += [f"    {ln}" for ln in _ring_report(errors[r]).splitlines()]
+    if missing:
+        lines.append(f"rank(s) {missing} did not finish and were stopped (hang? blocked waiting for the ranks above)")
+    return "\n".join(lines)
