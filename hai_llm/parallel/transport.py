@@ -460,4 +460,8 @@ def build_transport(kind: str, ep_group, ep_ranks: Sequence[int], gpus_per_node:
         from .transport_hierarchical import HierarchicalTransport
 
         return HierarchicalTransport(ep_group, ep_ranks, gpus_per_node, all_ep_ranks, link, use_triton)
+    if kind == "symmetric":
+        from .transport_symmetric import SymmetricTransport  # hierarchical across nodes, kernels inside
+
+        return SymmetricTransport(ep_group, ep_ranks, gpus_per_node, all_ep_ranks, link, use_triton)
     raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
