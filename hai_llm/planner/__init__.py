@@ -6,6 +6,11 @@ role, in one process, without allocating weights.
 ``plan_config``: the accounting over ``hai_llm.layout.build_layout``), ``report`` (tables and
 the process groups of a rank), ``collectives`` (the layout's collective program, checked for
 hangs with ``hai_llm.parallel.collective_trace``).
+
+The time-and-cost planner behind ``hai-llm-cost`` (docs/cost.md): ``flops`` (FLOPs per token),
+``hardware`` (profiles in configs/hardware/), ``step_sim`` (one step on paper, driven by the
+schedule's action lists and the executor's piece order), ``balance`` (a rank-balanced stage
+split), ``cost`` (report, what-if table, timeline picture).
 """
 from .plan import Plan, RankPlan, Role, StagePlan, default_n_micro, plan_config, plan_from_layout, plan_layout
 from .report import format_plan, print_plan
