@@ -18,7 +18,9 @@ larger than RAM costs nothing to open) and validates it against ``meta.json``.
 * global sample ``g`` is window ``perm_{g // n_windows}[g % n_windows]``.
 
 The global batch for step ``s`` is samples ``[s*G, (s+1)*G)``; data-parallel rank ``r`` of
-``w`` takes the contiguous slice ``[s*G + r*G/w, s*G + (r+1)*G/w)``. The only state is the
+``w`` takes the contiguous slice ``[s*G + r*G/w, s*G + (r+1)*G/w)``. With a batch that changes
+per step (the batch-size ramp: ``next_batch(G_s)``) step ``s`` starts at ``G_0 + ... + G_{s-1}``
+instead of ``s*G``. The only state is the
 number of global samples consumed, which is identical on every rank: resuming from it
 neither repeats nor skips a sample, even if the next run uses a different dp world size.
 """
@@ -127,6 +129,22 @@ class TokenDataset:
                 f"model vocab_size {model_vocab_size}; set model.vocab_size >= "
                 f"{self.vocab_size} or prepare {self.path} with the model's tokenizer"
             )
+        # meta.json is a claim; the data is the truth (a file edited or swapped after preparing
+        # would otherwise fail as an IndexError inside the embedding at step 1)
+        largest = self.data_max_token_id()
+        if largest >= model_vocab_size:
+            raise ValueError(
+                f"{self.path / TOKENS_FILE} holds token id {largest} but model.vocab_size is "
+                f"{model_vocab_size} (its {META_FILE} claims the largest id is {self.max_token_id}): "
+                f"re-run hai-llm-prepare --out {self.path} if the file was damaged, or set "
+                f"model.vocab_size > {largest}"
+            )
+
+    def data_max_token_id(self, chunk: int = 1 << 24) -> int:
+        """The largest id actually in ``tokens.bin``: one pass over the memory map in chunks of
+        ``chunk`` tokens (about a second per GB; the page cache makes repeats cheap)."""
+        n = self.n_tokens
+        return max(int(self.tokens[i:i + chunk].max()) for i in range(0, n, chunk))
 
 
 def window_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
@@ -140,7 +158,7 @@ class SequenceSampler:
 
     def __init__(self, dataset: TokenDataset, seq_len: int, global_batch: int,
                  dp_rank: int = 0, dp_world: int = 1, seed: int = 0,
-                 extra_tokens: int = 1) -> None:
+                 extra_tokens: int = 1, n_tokens: int | None = None) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         if extra_tokens < 1:
@@ -166,8 +184,10 @@ class SequenceSampler:
         self.dp_rank = dp_rank
         self.dp_world = dp_world
         self.seed = seed
-        # Windows start at k * seq_len and must end inside the corpus.
-        self.n_windows = max(0, (dataset.n_tokens - extra_tokens) // seq_len)
+        # Windows start at k * seq_len and must end inside the corpus, or inside its first
+        # ``n_tokens`` tokens: the tail past them is a held-out split (hai_llm/data/heldout.py)
+        limit = dataset.n_tokens if n_tokens is None else min(n_tokens, dataset.n_tokens)
+        self.n_windows = max(0, (limit - extra_tokens) // seq_len)
         if self.n_windows < 1:
             raise ValueError(
                 f"corpus {dataset.path} has {dataset.n_tokens} tokens, fewer than one window of "
@@ -185,6 +205,7 @@ class SequenceSampler:
 
     @property
     def step(self) -> int:
+        """Steps of the constructor's batch consumed (a batch ramp counts in samples instead)."""
         return self.samples_consumed // self.global_batch
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -210,7 +231,8 @@ class SequenceSampler:
         return torch.from_numpy(np.asarray(self.dataset.tokens[idx], dtype=np.int64))
 
     def global_batch_at(self, step: int) -> torch.Tensor:
-        """All ranks' samples of ``step`` (pure): LongTensor ``[global_batch, window]``."""
+        """All ranks' samples of ``step`` of a constant batch (pure): ``[global_batch, window]``
+        (steps of a batch ramp: ``global_samples(first, count)``)."""
         return self._gather(step * self.global_batch, self.global_batch)
 
     def local_batch_at(self, step: int) -> torch.Tensor:
@@ -218,13 +240,27 @@ class SequenceSampler:
         return self._gather(step * self.global_batch + self.dp_rank * self.local_batch,
                             self.local_batch)
 
-    def next_batch(self) -> torch.Tensor:
-        """This rank's next ``[local_batch, seq_len + extra_tokens]`` LongTensor; advances
-        the shared position by one global batch."""
-        out = self._gather(self.samples_consumed + self.dp_rank * self.local_batch,
-                           self.local_batch)
-        self.samples_consumed += self.global_batch
+    def next_batch(self, global_batch: int | None = None) -> torch.Tensor:
+        """This rank's next ``[global_batch // dp_world, seq_len + extra_tokens]`` LongTensor;
+        advances the shared position by ``global_batch`` samples (default: the constructor's).
+
+        A per-step ``global_batch`` (the batch-size ramp, ``hai_llm.layout.batch_ramp``) keeps
+        the position exact: step ``s`` takes global samples ``[P_s, P_s + G_s)`` with
+        ``P_s = G_0 + ... + G_{s-1}``, rank ``r`` the slice ``[P_s + r*G_s/w, P_s + (r+1)*G_s/w)``,
+        so the union over ranks and steps is the sample order without gap or repeat, whatever
+        the batches, and ``samples_consumed`` (the checkpointed position) is ``P_{s+1}``."""
+        g = self.global_batch if global_batch is None else global_batch
+        if g < 1 or g % self.dp_world:
+            raise ValueError(f"a step's global batch of {g} sequences does not split over the "
+                             f"{self.dp_world} data-parallel ranks; use a multiple of {self.dp_world}")
+        local = g // self.dp_world
+        out = self._gather(self.samples_consumed + self.dp_rank * local, local)
+        self.samples_consumed += g
         return out
+
+    def global_samples(self, first: int, count: int) -> torch.Tensor:
+        """Global samples ``first .. first+count-1`` of the order (pure): ``[count, window]``."""
+        return self._gather(first, count)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
@@ -256,7 +292,8 @@ class SequenceSampler:
                 raise ValueError(
                     f"sampler state was saved with {name}={state.get(name)!r} but this sampler "
                     f"has {name}={mine!r}; resume with the same corpus, seq_len, extra_tokens "
-                    f"and seed, or start the data order afresh"
+                    f"and seed (and held-out split: train.eval_every on or off, train.eval_batches), "
+                    f"or start the data order afresh"
                 )
         consumed = int(state["samples_consumed"])
         if consumed < 0 or int(state.get("epoch", consumed // self.n_windows)) != \

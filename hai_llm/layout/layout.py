@@ -11,6 +11,13 @@ All checks live in ``build_layout`` and raise one-line ``ValueError`` s that nam
 key and the fix. Value-only checks that need no layout (``train.steps >= 1``, a known
 precision...) stay in ``hai_llm.config.schema.validate_config``.
 
+The batch of each step is decided here too: without a ramp every step runs
+``train.global_batch`` sequences (``Layout.n_micro`` micro-batches per rank); with
+``train.batch_ramp_tokens > 0`` the trainer asks ``Layout.batch_at(tokens consumed)`` for the
+step's global batch and ``Layout.for_batch(global_batch)`` for its micro-batch split and
+schedule (``layout.batch_ramp``: the ramp's formula and rounding rule). ``build_layout``
+checks every batch the ramp can produce against the schedule's rules before training.
+
 The node size is decided here too (:func:`resolve_gpus_per_node`): ``parallel.gpus_per_node``
 0 means auto, i.e. torchrun's ``LOCAL_WORLD_SIZE`` under torchrun and nodes of
 ``DEFAULT_GPUS_PER_NODE`` otherwise; under torchrun an explicit value must equal
@@ -22,9 +29,10 @@ Pure Python: nothing here imports torch (``ParallelDims.build_mesh`` imports it 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Mapping, Optional
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, List, Mapping, Optional, Tuple
 
+from .batch_ramp import BatchRamp, granularity
 from .dims import ParallelDims
 from .partition import partition_layers
 from .schedules import PipelineSchedule, schedule_class
@@ -32,7 +40,7 @@ from .schedules import PipelineSchedule, schedule_class
 if TYPE_CHECKING:  # pragma: no cover
     from hai_llm.config.schema import Config
 
-TRANSPORTS = ("flat", "hierarchical")  # expert all-to-all implementations (parallel.transport)
+TRANSPORTS = ("flat", "hierarchical", "symmetric")  # expert all-to-all implementations (parallel.transport)
 DEFAULT_GPUS_PER_NODE = 8  # an H800 server; the (virtual) node of non-torchrun runs under auto
 
 
@@ -44,7 +52,9 @@ class Layout:
     (``[list(range(n_layers))]`` without a pipeline); a pipeline rank holds the stages
     ``schedule.stage_of(pp_rank, chunk)`` of its local chunks (``stage_layers_of``).
     ``n_micro`` micro-batches of ``micro_batch`` sequences make the ``local_batch`` sequences
-    one data-parallel rank processes per optimizer step.
+    one data-parallel rank processes per optimizer step: the values of the run's full batch
+    (``train.global_batch``, the end of a ramp). ``ramp``: the batch-size ramp (None: every
+    step runs the full batch); ``for_batch`` gives the layout of one step of the ramp.
     """
 
     dims: ParallelDims
@@ -55,6 +65,7 @@ class Layout:
     micro_batch: int
     transport: str
     schedule_name: str  # the registry key of parallel.schedule (validated even when pp == 1)
+    ramp: Optional[BatchRamp] = None  # train.batch_ramp_*: the global batch as a function of tokens
 
     # ------------------------------------------------------------------ degrees
     @property
@@ -86,6 +97,28 @@ class Layout:
     def num_stages(self) -> int:
         return len(self.stages)
 
+    # ------------------------------------------------------------------ per step (batch ramp)
+    def batch_at(self, tokens_consumed: int) -> int:
+        """Global batch (sequences) of the step that starts after ``tokens_consumed`` training
+        tokens: the ramp's value (``BatchRamp.batch_at``), or the full batch without a ramp."""
+        return self.global_batch if self.ramp is None else self.ramp.batch_at(tokens_consumed)
+
+    def for_batch(self, global_batch: int) -> "Layout":
+        """The layout of a step of ``global_batch`` sequences: the same ranks, stages and
+        sequences per micro-batch (``micro_batch``), ``global_batch / dp / micro_batch``
+        micro-batches per rank and the schedule built for that count (the rules of
+        ``build_layout``; ValueError naming the fix). ``self`` for the full batch. Building a
+        schedule costs O(pp * n_micro): the runtimes keep the result per batch
+        (``Runtime.layout_for``), which the trainer and the pipeline runtime ask."""
+        if global_batch == self.global_batch:
+            return self
+        cls = schedule_class(self.schedule_name)
+        local, n_micro = _micro_split(global_batch, self.dp, self.micro_batch, 0)
+        if self.schedule is not None:
+            cls.check(self.pp, n_micro)
+        return replace(self, n_micro=n_micro, local_batch=local,
+                       schedule=None if self.schedule is None else cls(self.pp, n_micro))
+
     # ------------------------------------------------------------------ per rank
     def coords(self, rank: int) -> dict:
         """All mesh coordinates of global ``rank`` (pp, dp, sp, dp_sp, ep, edp, node, local)."""
@@ -113,7 +146,10 @@ class Layout:
             f"{self.schedule_name} over {self.num_stages} stages {[len(s) for s in self.stages]} layers"
         return (f"world {d.world_size}: pp={d.pp} dp={d.dp} sp={d.sp} ep={d.ep} (edp={d.edp}), {sched}, "
                 f"{self.n_micro} micro-batches x {self.micro_batch} sequences per dp rank, "
-                f"transport {self.transport}")
+                f"transport {self.transport}"
+                + ("" if self.ramp is None else
+                   f", batch ramp {self.ramp.start} -> {self.ramp.end} sequences over "
+                   f"{self.ramp.tokens:,} tokens in multiples of {self.ramp.multiple}"))
 
 
 def _degree(name: str, value) -> int:
@@ -159,16 +195,7 @@ def build_layout(cfg: "Config", world_size: int) -> Layout:
         raise ValueError(f"parallel.transport={p.transport!r} is unknown: use one of {TRANSPORTS}")
 
     # -- batch: global -> per data-parallel rank -> micro-batches
-    if t.global_batch < 1 or t.global_batch % dp:
-        raise ValueError(f"train.global_batch={t.global_batch} must be divisible by parallel.dp={dp}")
-    local = t.global_batch // dp
-    if local % t.micro_batch:
-        raise ValueError(f"train.global_batch / dp = {local} sequences per rank must be divisible by "
-                         f"train.micro_batch={t.micro_batch}")
-    n_micro = p.n_micro or local // t.micro_batch
-    if n_micro < 1 or local % n_micro:
-        raise ValueError(f"the {local} sequences per data-parallel rank do not split into "
-                         f"parallel.n_micro={n_micro} equal micro-batches: choose a divisor of {local}")
+    local, n_micro = _micro_split(t.global_batch, dp, t.micro_batch, p.n_micro)
 
     # -- the model against the degrees
     if m.n_moe_layers > 0:
@@ -194,5 +221,64 @@ def build_layout(cfg: "Config", world_size: int) -> Layout:
         schedule = cls(pp, n_micro)
     else:
         stages = partition_layers(m, 1, stage_layers)
+    ramp = _build_ramp(t, p, cls, pp, dp)
     return Layout(dims=dims, schedule=schedule, stages=stages, n_micro=n_micro, local_batch=local,
-                  micro_batch=local // n_micro, transport=p.transport, schedule_name=cls.key)
+                  micro_batch=local // n_micro, transport=p.transport, schedule_name=cls.key, ramp=ramp)
+
+
+def _micro_split(global_batch: int, dp: int, micro_batch: int, n_micro: int) -> Tuple[int, int]:
+    """``(sequences per data-parallel rank, micro-batches per rank)`` of a global batch, with
+    ``n_micro`` micro-batches (0: ``local / micro_batch``); ValueError naming the keys."""
+    if global_batch < 1 or global_batch % dp:
+        raise ValueError(f"train.global_batch={global_batch} must be divisible by parallel.dp={dp}")
+    local = global_batch // dp
+    if local % micro_batch:
+        raise ValueError(f"train.global_batch / dp = {local} sequences per rank must be divisible by "
+                         f"train.micro_batch={micro_batch}")
+    n_micro = n_micro or local // micro_batch
+    if n_micro < 1 or local % n_micro:
+        raise ValueError(f"the {local} sequences per data-parallel rank do not split into "
+                         f"parallel.n_micro={n_micro} equal micro-batches: choose a divisor of {local}")
+    return local, n_micro
+
+
+def _build_ramp(t, p, cls, pp: int, dp: int) -> Optional[BatchRamp]:
+    """The validated ``BatchRamp`` of ``train.batch_ramp_*`` (None when ``batch_ramp_tokens``
+    is 0): every batch it can produce is checked against this layout here, before training."""
+    R, start, q = t.batch_ramp_tokens, t.batch_ramp_start, t.batch_ramp_multiple
+    if R == 0:
+        return None
+    end, mb = t.global_batch, t.micro_batch
+    if p.n_micro:
+        raise ValueError(f"parallel.n_micro={p.n_micro} fixes the micro-batch count, but the batch ramp "
+                         f"(train.batch_ramp_tokens={R}) changes it every step: set parallel.n_micro=0 "
+                         f"(micro-batches = batch / parallel.dp / train.micro_batch)")
+    if not 1 <= start <= end:
+        raise ValueError(f"train.batch_ramp_start={start} must be in [1, train.global_batch={end}] "
+                         f"(the ramp grows from batch_ramp_start to global_batch sequences)")
+    g = granularity(dp, mb, pp > 1 and cls.even_micro)
+    why = (f"parallel.dp={dp} x train.micro_batch={mb}"
+           + (f" x 2 ({cls.key}: an even number of micro-batches)" if pp > 1 and cls.even_micro else ""))
+    q = q or g
+    if q < 1 or q % g:
+        raise ValueError(f"train.batch_ramp_multiple={t.batch_ramp_multiple} must be a multiple of this "
+                         f"layout's batch granularity {g} = {why} (or 0 = {g})")
+    # the smallest batch the layout runs: g sequences, or the schedule's minimum micro-batch count
+    least = dp * mb * cls.fit_n_micro(pp, 1) if pp > 1 else g
+    lo, hi = start // q * q, -(-start // q) * q
+    if start % q or start < least:
+        ok = sorted({v for v in (lo, hi, -(-least // q) * q) if least <= v <= end})
+        fix = (f"use train.batch_ramp_start={' or '.join(map(str, ok))}" if ok else
+               f"raise train.global_batch to at least {-(-least // q) * q}")
+        rule = (f"a multiple of {q} ({'train.batch_ramp_multiple' if t.batch_ramp_multiple else why})"
+                + (f" and at least {least} ({cls.key} with pp={pp} needs n_micro >= "
+                   f"{cls.fit_n_micro(pp, 1)} micro-batches of {mb} on each of {dp} dp ranks)" if pp > 1 else ""))
+        smaller = " / ".join(k for k, v in (("train.micro_batch", mb), ("parallel.dp", dp)) if v > 1)
+        raise ValueError(f"train.batch_ramp_start={start} does not fit the layout: every batch of the ramp "
+                         f"must be {rule}: {fix}{', or lower ' + smaller if smaller else ''}")
+    ramp = BatchRamp(start=start, end=end, tokens=R, multiple=q)
+    for b in ramp.values():  # cheap class-level checks (no schedule is built)
+        _, n = _micro_split(b, dp, mb, 0)
+        if pp > 1:
+            cls.check(pp, n)
+    return ramp

@@ -47,6 +47,15 @@ class Runtime(ABC):
         """This rank's part of ``model`` (built identically on every rank, normally on the meta
         device), parallelized; a meta model's kept parameters are materialised on ``device``."""
 
+    def layout_for(self, global_batch: int) -> Layout:
+        """The layout of a step of ``global_batch`` sequences (``Layout.for_batch``: its
+        micro-batch count and schedule), built once per distinct batch of a batch-size ramp and
+        kept for the run (a ramp has at most (end - start) / multiple + 1 of them)."""
+        cache = self.__dict__.setdefault("_step_layouts", {})  # per runtime (subclasses own __init__)
+        if global_batch not in cache:
+            cache[global_batch] = self.layout.for_batch(global_batch)
+        return cache[global_batch]
+
     def positions(self, seq_len: int, device) -> torch.Tensor | None:
         """Positions of the window this rank computes (None: all of them)."""
         return None
@@ -54,12 +63,28 @@ class Runtime(ABC):
     def forward_backward(self, model: nn.Module, batch: torch.Tensor, n_micro: int, autocast) -> dict:
         """Run all micro-batches of this rank's batch; return summed (already 1/n_micro
         weighted) loss terms and expert counts, ON THE MODEL'S DEVICE (no host read here).
+        ``n_micro`` is the step's count (``layout_for(step's global batch).n_micro``: it
+        changes along a batch-size ramp); the loss is the mean over the step's micro-batches.
 
         ``terms``: float64 [len(TERMS)] = sum over micro-batches of float64(term) / n_micro, in
         micro-batch order: the same IEEE operations as the former per-micro-batch
         ``float(term) / n_micro`` accumulated in a Python float, so the logged loss keeps its
         bits. Each name of ``TERMS`` is also a 0-dim view of it. ``counts``: [L, E] tokens per
         expert, summed over micro-batches (None without MoE layers)."""
+        return self._micro_batches(model, batch, n_micro, autocast, backward=True)
+
+    def evaluate(self, model: nn.Module, batch: torch.Tensor, n_micro: int, autocast) -> dict:
+        """The loss terms of ``batch`` without gradients (validation): the same micro-batches,
+        per-micro-batch terms and 1/n_micro sums as ``forward_backward``, whose totals
+        ``reduce_metrics`` then averages over the ranks exactly as in training. A training step
+        sees nothing of it: no gradient, no routing statistics left in the model (the forward
+        pops them), no bias update, no random numbers drawn. Under ``no_grad`` the sequence-wise
+        balance loss is not computed (``balance`` is 0 and ``loss`` = ce + lambda * mtp)."""
+        with torch.no_grad():
+            return self._micro_batches(model, batch, n_micro, autocast, backward=False)
+
+    def _micro_batches(self, model: nn.Module, batch: torch.Tensor, n_micro: int, autocast,
+                       backward: bool) -> dict:
         terms = torch.zeros(len(TERMS), dtype=torch.float64, device=batch.device)
         n = divisor(n_micro, batch.device)
         counts = None
@@ -67,7 +92,8 @@ class Runtime(ABC):
         for mb in batch.chunk(n_micro):
             with autocast():
                 out = model.loss(mb, pos)
-            (out.loss / n_micro).backward()
+            if backward:
+                (out.loss / n_micro).backward()
             terms += torch.stack([getattr(out, k).detach().double() for k in TERMS]) / n
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts

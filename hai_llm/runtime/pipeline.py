@@ -23,6 +23,10 @@ What it does on top of :class:`~hai_llm.runtime.mesh.MeshRuntime`:
   ``Transformer.loss`` does, so the logged loss is bit-identical to a single process run of the
   same micro-batches; nothing is read back to the host (the trainer reads once per step).
   ``counts`` are the loads of this rank's own MoE layers.
+  The micro-batch count is the step's (a batch-size ramp changes it): the schedule of each
+  distinct count comes from the layout (``Runtime.layout_for``) and gets its own executor,
+  built at its first step and kept (same model, weight-gradient store and P2P groups: every
+  count a layout accepts uses the same channels, which the executor checks).
 * ``reduce_metrics``: loss terms averaged over dp x sp; loads summed over every rank holding the
   same stages (DualPipe: both copies, whose micro-batches are disjoint), so each copy applies
   the same bias update.
@@ -43,7 +47,7 @@ What it does on top of :class:`~hai_llm.runtime.mesh.MeshRuntime`:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -84,7 +88,9 @@ class PipelineRuntime(MeshRuntime):
         c = self.coords
         self.peers = [dims.rank_of(q, c["dp"], c["sp"]) for q in range(dims.pp)]
         self.pp_group = self.mesh.group("pp")
-        self.executor: Optional[PipelineExecutor] = None
+        self.executor: Optional[PipelineExecutor] = None  # the executor of the full batch (layout.n_micro)
+        self.executors: Dict[int, PipelineExecutor] = {}  # every micro-batch count run so far
+        self.last_executor: Optional[PipelineExecutor] = None  # the one of the last step (traces)
         self.transport = None
         # P2P channels (one per direction) and the DualPipe / tied-embedding union groups
         g = build_pipeline_groups(dims, self.schedule, self.rank, cfg.model.n_mtp_layers)
@@ -101,8 +107,24 @@ class PipelineRuntime(MeshRuntime):
                                          overlap=self.overlap, trace=self.trace_dir is not None, store=store,
                                          groups=self.p2p_groups, timing=self.timing)
         self.executor.connect()  # opens the P2P communicators in one global order (NCCL: lazy, blocking)
+        self.executors = {self.n_micro: self.executor}
         self.model = pm
         return pm
+
+    def executor_for(self, n_micro: int) -> PipelineExecutor:
+        """The executor of a step with ``n_micro`` micro-batches per rank: the schedule of
+        ``layout_for(n_micro * micro_batch * dp)``, built once per count and kept."""
+        if self.executor is None:
+            raise RuntimeError("PipelineRuntime.executor_for needs prepare_model first")
+        if n_micro not in self.executors:
+            sched = self.layout_for(n_micro * self.layout.micro_batch * self.dims.dp).schedule
+            ex = self.executor
+            # same store and P2P groups (already opened by connect: every count of a layout
+            # uses the same channels; the constructor raises if one were missing)
+            self.executors[n_micro] = PipelineExecutor(
+                ex.model, sched, self.pp_rank, self.peers, act_dtype=ex.act_dtype, overlap=self.overlap,
+                trace=ex.trace, store=ex.store, groups=self.p2p_groups, timing=self.timing)
+        return self.executors[n_micro]
 
     # -- ZeRO-1 specs ----------------------------------------------------------------------
     def spec_of(self, name: str, p: torch.Tensor) -> ReduceSpec:
@@ -126,19 +148,42 @@ class PipelineRuntime(MeshRuntime):
     def forward_backward(self, model: PipelineModel, batch: torch.Tensor, n_micro: int, autocast) -> dict:
         if self.executor is None or model is not self.model:
             raise RuntimeError("PipelineRuntime.forward_backward needs the model returned by its prepare_model")
-        if batch.shape[0] % self.n_micro:
-            raise ValueError(f"batch of {batch.shape[0]} sequences does not split into {self.n_micro} micro-batches")
-        mbs = list(batch.chunk(self.n_micro))
+        if batch.shape[0] % n_micro:
+            raise ValueError(f"batch of {batch.shape[0]} sequences does not split into {n_micro} micro-batches")
+        ex = self.executor_for(n_micro)
+        mbs = list(batch.chunk(n_micro))
         args = model.args
         pos = self.positions(batch.shape[1] - 1 - args.n_mtp_layers, batch.device)
-        st = self.executor.run(mbs, pos, autocast)
-        self.last_stats = st
+        st = ex.run(mbs, pos, autocast)
+        self.last_stats, self.last_executor = st, ex
+        totals = self._totals(model, st, batch.device, n_micro)
+        if self.trace_dir is not None:
+            self.write_trace(self.trace_dir)
+        return totals
+
+    def evaluate(self, model: PipelineModel, batch: torch.Tensor, n_micro: int, autocast) -> dict:
+        """Validation: the schedule's forwards only (``PipelineExecutor.run(forward_only=True)``)
+        under ``no_grad``, the terms gathered and combined as ``forward_backward`` does, so the
+        value is the one a single process computes; no trace, ``last_stats`` untouched."""
+        if self.executor is None or model is not self.model:
+            raise RuntimeError("PipelineRuntime.evaluate needs the model returned by its prepare_model")
+        if batch.shape[0] % n_micro:
+            raise ValueError(f"batch of {batch.shape[0]} sequences does not split into {n_micro} micro-batches")
+        pos = self.positions(batch.shape[1] - 1 - model.args.n_mtp_layers, batch.device)
+        with torch.no_grad():
+            st = self.executor_for(n_micro).run(list(batch.chunk(n_micro)), pos, autocast, forward_only=True)
+            return self._totals(model, st, batch.device, n_micro)
+
+    def _totals(self, model: PipelineModel, st, dev, n_micro: Optional[int] = None) -> dict:
+        """The base Runtime's totals from this rank's ``StepStats`` of ``n_micro`` micro-batches
+        (default: the layout's), on every rank (collective over the pp group)."""
+        args = model.args
+        n_micro = self.n_micro if n_micro is None else n_micro
         G = model.n_global_moe
-        dev = batch.device
         # [n_micro, 2 + G] float64 on the model's device (NCCL takes no CPU tensors): ce, mtp and
         # the balance term of every (micro-batch, global MoE layer); each rank writes the terms it
         # computed (device-to-device copies, no host read), zeros elsewhere
-        V = torch.zeros(self.n_micro, 2 + G, dtype=torch.float64, device=dev)
+        V = torch.zeros(n_micro, 2 + G, dtype=torch.float64, device=dev)
         for mb, v in st.ce.items():
             V[mb, 0] = v.detach()
             V[mb, 1] = st.mtp[mb].detach()
@@ -151,15 +196,12 @@ class PipelineRuntime(MeshRuntime):
         # elementwise float32 operations Transformer.loss runs on one micro-batch's scalars
         ce, mtp = Vf[:, 0], Vf[:, 1]
         loss, bal = total_loss(ce, mtp, [Vf[:, 2 + gi] for gi in range(G)], args.mtp_lambda)
-        per_mb = torch.stack([loss, ce, mtp, bal.expand(self.n_micro)], dim=1).double()  # TERMS order
+        per_mb = torch.stack([loss, ce, mtp, bal.expand(n_micro)], dim=1).double()  # TERMS order
         terms = torch.zeros(len(TERMS), dtype=torch.float64, device=dev)
-        n = divisor(self.n_micro, dev)
-        for mb in range(self.n_micro):  # summed in micro-batch order, as the base runtime does
+        n = divisor(n_micro, dev)
+        for mb in range(n_micro):  # summed in micro-batch order, as the base runtime does
             terms += per_mb[mb] / n
-        totals = with_terms(terms, st.counts)
-        if self.trace_dir is not None:
-            self.write_trace(self.trace_dir)
-        return totals
+        return with_terms(terms, st.counts)
 
     def reduce_metrics(self, totals: dict) -> dict:
         dp_sp = self.mesh.group("dp_sp") if self.n_dp_sp > 1 else None
@@ -174,7 +216,7 @@ class PipelineRuntime(MeshRuntime):
         from hai_llm.pipeline.gantt import save_gantt
 
         out = Path(out_dir)
-        ex = self.executor
+        ex = self.last_executor or self.executor
         f = self.coords["dp_sp"]
         ex.chrome_trace(out / f"trace_pp{self.pp_rank}_dpsp{f}.json")
         spans: List = [None] * self.dims.pp
@@ -184,6 +226,6 @@ class PipelineRuntime(MeshRuntime):
             t0 = min(s.start for s in flat)
             flat = [type(s)(s.rank, s.name, s.kind, s.start - t0, s.end - t0, s.direction) for s in flat]
             return save_gantt(flat, out / f"gantt_dpsp{f}.png",
-                              title=f"{self.schedule.name} pp={self.dims.pp} n_micro={self.n_micro} "
+                              title=f"{self.schedule.name} pp={self.dims.pp} n_micro={ex.n_micro} "
                                     f"overlap={self.overlap} (wall clock, s)")
         return None
