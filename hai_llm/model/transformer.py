@@ -137,6 +137,18 @@ class LossWeights:
         return (scale * self.mtp_lambda) / self.n_mtp
 
 
+def set_loss_weights(args: ModelArgs, mtp_lambda: float, seq_aux_alpha: float) -> None:
+    """Set this step's loss weights (lambda of MTP, alpha of the sequence-wise balance loss) on
+    ``args``, the one ModelArgs object that every module of a built model reads them from
+    (``Transformer.loss``, each ``MoE``, every pipeline stage's ``LossWeights.of`` and the
+    pipeline runtime's ``total_loss``), so each layout applies the same values. The trainer
+    calls it before each step with the values of its token schedules
+    (``hai_llm.optim.schedules``); the model itself schedules nothing. ``args`` must be the
+    model's own copy, not the run's config."""
+    args.mtp_lambda = mtp_lambda
+    args.seq_aux_alpha = seq_aux_alpha
+
+
 def total_loss(ce: torch.Tensor, mtp: torch.Tensor, balance_terms, mtp_lambda: float):
     """(loss, balance): ``ce + mtp_lambda * mtp + sum(balance_terms)``, summed left to right.
 

@@ -1,5 +1,5 @@
-"""AdamW with storable-in-BF16 moments, the paper's learning-rate schedules, and the
-parameter grouping (no weight decay on norms, routing bias never optimized).
+"""AdamW with storable-in-BF16 moments and the parameter grouping (no weight decay on norms,
+routing bias never optimized); the learning-rate schedules are in ``schedules``.
 
 torch.optim.AdamW keeps moments in the parameter dtype; the paper keeps fp32 master
 weights with BF16 moments, so this optimizer casts moments explicitly. Its state_dict
@@ -13,8 +13,6 @@ used to need 2 (fp32 moments) or 4 (BF16 moments) shard-sized fp32 temporaries p
 (``benchmarks/bench_memory.py --opt``, docs/perf.md).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -111,22 +109,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
     dt = torch.bfloat16 if cfg.moments_dtype == "bfloat16" else torch.float32
     return AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                  weight_decay=cfg.weight_decay, moments_dtype=dt)
-
-
-def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based). A pure function of the step,
-    so resuming needs no scheduler state."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    floor = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "constant":
-        return cfg.lr
-    start = cfg.warmup_steps if cfg.schedule == "cosine" else max(cfg.warmup_steps, int(cfg.decay_start * total_steps))
-    if step < start:
-        return cfg.lr
-    span = max(1, total_steps - start)
-    frac = min(1.0, (step - start) / span)
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * frac))
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
