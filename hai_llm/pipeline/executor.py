@@ -220,7 +220,13 @@ class PipelineExecutor:
 
     # ------------------------------------------------------------------ one step
     def run(self, micro_batches: Sequence[torch.Tensor], pos_S: Optional[torch.Tensor],
-            autocast: Optional[Callable] = None) -> StepStats:
+            autocast: Optional[Callable] = None, forward_only: bool = False) -> StepStats:
+        """One step of the schedule.  ``forward_only`` (validation, under ``torch.no_grad``):
+        only the forward of every ``F`` and ``FB`` action, in schedule order, and only the
+        activation messages of the comm plan.  Why that cannot deadlock or mismatch: dropping
+        every gradient message from both ends of each channel keeps the activation messages in
+        the same relative order on both sides (they are matched by posting order), and every
+        wait of a kept forward depended, in the full schedule, only on earlier forwards."""
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"the schedule was built for {self.n_micro} micro-batches, got "
                              f"{len(micro_batches)}")
@@ -235,7 +241,7 @@ class PipelineExecutor:
             raise ValueError(f"need windows of seq_len + 1 + n_mtp_layers tokens; got {T}")
         if pos_S is None:
             pos_S = torch.arange(S, device=self.device)
-        st = _StepState(self, micro_batches, pos_S, autocast)
+        st = _StepState(self, micro_batches, pos_S, autocast, forward_only)
         try:
             for idx, act in enumerate(self.actions):
                 st.run_action(idx, act)
@@ -277,8 +283,9 @@ class PipelineExecutor:
 class _StepState:
     """Everything of one step on one rank; dropped at the end of the step."""
 
-    def __init__(self, ex: PipelineExecutor, mbs, pos_S, autocast):
+    def __init__(self, ex: PipelineExecutor, mbs, pos_S, autocast, forward_only: bool = False):
         self.ex = ex
+        self.forward_only = forward_only
         self.sched = ex.schedule
         self.rank = ex.rank
         self.mbs = mbs
@@ -451,9 +458,14 @@ class _StepState:
         comm = self.ex.plan[idx]
         self.cur_comm = comm
         for msg in comm.posts:
-            self._post(msg)
+            if not (self.forward_only and msg.kind != "act"):
+                self._post(msg)
         t0 = self.clock.mark() if self.tracer is not None else None
-        if act.kind == "F":
+        if self.forward_only:
+            if act.kind in ("F", "FB"):  # an FB's forward half is F(act.mb, act.chunk)
+                self.forward(act.mb, act.chunk)
+                self.tapes.pop((act.mb, act.chunk))  # no backward will read it
+        elif act.kind == "F":
             self.forward(act.mb, act.chunk)
         elif act.kind == "B":
             self.backward(act.mb, act.chunk, weights_now=False)

@@ -76,19 +76,33 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: str | Path, png_path: str | Path, labels: dict | None = None) -> Path:
-    """Loss curve(s) of one or more runs: ``labels`` maps a label to a metrics.jsonl path."""
+    """Loss curve(s) of one or more runs: ``labels`` maps a label to a metrics.jsonl path.
+
+    A run that logged validation (``train.eval_every``) also gets its held-out ``val_loss``
+    (main-head cross-entropy) with markers, next to the training ``ce`` it compares with (the
+    training ``loss`` adds the weighted MTP and balance terms)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = labels or {"loss": metrics_path}
+    runs = labels or {"train loss": metrics_path}
     fig, ax = plt.subplots(figsize=(7, 4))
+    any_val = False
     for label, path in runs.items():
-        rows = [r for r in read_metrics(path) if "loss" in r]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
+        rows = read_metrics(path)
+        train = [r for r in rows if "loss" in r]
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
+        val = [r for r in rows if "val_loss" in r]
+        if val:
+            any_val = True
+            prefix = f"{label}: " if labels else ""
+            line, = ax.plot([r["step"] for r in train if "ce" in r], [r["ce"] for r in train if "ce" in r],
+                            alpha=0.6, lw=1, label=f"{prefix}train ce (main head)")
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=line.get_color(),
+                    label=f"{prefix}val ce (held-out)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss, validation cross-entropy" if any_val else "training loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
