@@ -22,6 +22,7 @@ PACKAGES = [  # listed in import order: each imports only packages above it
     "hai_llm.train",
     "hai_llm.planner",
     "hai_llm.interop",
+    "hai_llm.infer",
     "hai_llm.launch",
 ]
 
@@ -47,7 +48,7 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=5.23"],
+        "test": ["pytest>=7", "transformers>=5.23", "deepspeed>=0.19"],  # deepspeed: reference ZeRO-1 and launcher tests
     },
     entry_points={
         "console_scripts": [
@@ -55,6 +56,8 @@ setup(
             "hai-llm-prepare=hai_llm.launch.prepare:main",
             "hai-llm-params=hai_llm.launch.params:main",
             "hai-llm-dryrun=hai_llm.launch.dryrun:main",
+            "hai-llm-cost=hai_llm.launch.cost:main",
+            "hai-llm-sample=hai_llm.launch.sample:main",
         ]
     },
 )

@@ -12,6 +12,13 @@ inside N ranks; every rank then builds the same layout again and hands it to its
 Under torchrun that includes the node size: ``parallel.gpus_per_node`` 0 (auto) becomes
 torchrun's ``LOCAL_WORLD_SIZE`` and an explicit other value is refused
 (``hai_llm.layout.layout.resolve_gpus_per_node``).
+
+Faults (docs/failures_launch.md): simulated ranks die with the launcher and a dead rank is
+named with its signal (``hai_llm.parallel.spawn``); under torchrun each worker dies with its
+agent, a restarted attempt continues in the first attempt's run folder from its latest
+checkpoint and gets a rendezvous namespace of its own (``hai_llm.launch.elastic``); both
+run every collective under ``parallel.collective_timeout_s`` with the flight recorder of
+``hai_llm.parallel.watchdog``, which prints a rank's last collectives when one hangs.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from pathlib import Path
 
 from hai_llm.checkpoint import store as ckpt
 from hai_llm.config.schema import Config
+from hai_llm.launch.external import is_external_launch, launcher_name
 from hai_llm.layout import build_layout
 
 
@@ -41,15 +49,17 @@ def world_size_of(cfg: Config) -> int:
     if is_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if cfg.parallel.nprocs not in (1, world):
-            raise ValueError(f"parallel.nprocs={cfg.parallel.nprocs} but torchrun started {world} ranks: "
-                             f"drop parallel.nprocs (torchrun decides) or make them equal")
+            who = launcher_name(os.environ)
+            raise ValueError(f"parallel.nprocs={cfg.parallel.nprocs} but {who} started {world} ranks: "
+                             f"drop parallel.nprocs ({who} decides) or make them equal")
         return world
     return cfg.parallel.nprocs
 
 
 def is_torchrun() -> bool:
-    """This process was started by torchrun (not one of our simulated ranks)."""
-    return "WORLD_SIZE" in os.environ and not os.environ.get("HAI_LLM_SIMULATED")
+    """This process was started by torchrun or the deepspeed launcher, which set the same
+    variables (``hai_llm.launch.external``), not one of our simulated ranks."""
+    return is_external_launch(os.environ)
 
 
 def check_layout(cfg: Config):
@@ -79,23 +89,52 @@ def _torchrun(cfg: Config, cfg_yaml: str, world: int) -> dict:
     import torch
     import torch.distributed as dist
 
+    from hai_llm.launch import elastic
+    from hai_llm.parallel.watchdog import CollectiveWatchdog, as_timedelta, die_with_parent
+
+    die_with_parent()  # torchrun's agent: a worker never outlives it
+    limit = cfg.parallel.collective_timeout_s
+    rank = int(os.environ["RANK"])
     backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    store = elastic.agent_store(limit)
+    if store is None:  # not torchrun's agent store (a hand-made env://): torch's own rendezvous
+        with elastic.setup_step("init_process_group(env://)", limit):
+            dist.init_process_group(backend, timeout=as_timedelta(limit))
+    else:
+        pg_store = elastic.process_group_store(store, world, limit)
+        with elastic.setup_step("init_process_group", limit):
+            dist.init_process_group(backend, store=pg_store, rank=rank, world_size=world, timeout=as_timedelta(limit))
     try:
-        # each node's Hydra picked its own timestamped folder: everyone uses rank 0's
-        box = [cfg.train.out_dir, cfg_yaml]
-        dist.broadcast_object_list(box, src=0)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=box[0]))
-        ckpt.save_resolved_config(cfg.train.out_dir, box[1])
-        return _train_rank(dist.get_rank(), world, cfg)
+        with CollectiveWatchdog(rank, limit) as dog:
+            try:
+                # each node's Hydra picked its own timestamped folder: everyone uses rank 0's
+                box = [cfg.train.out_dir, cfg_yaml]
+                with elastic.setup_step("broadcasting the run folder from rank 0", limit):
+                    dist.broadcast_object_list(box, src=0)
+                if store is not None and rank == 0:  # a restarted attempt continues in it
+                    elastic.remember_run_dir(store, box[0])
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=box[0]))
+                ckpt.save_resolved_config(cfg.train.out_dir, box[1])
+                return _train_rank(rank, world, cfg)
+            except Exception as e:
+                report = dog.describe_failure(e)
+                if report:
+                    from hai_llm.parallel.watchdog import print_report
+
+                    print_report(rank, report)
+                raise
     finally:
         dist.destroy_process_group()
 
 
 def launch(cfg: Config, cfg_yaml: str) -> dict:
     world = check_layout(cfg).world_size  # a bad layout fails here, before anything is written or started
+    if not is_torchrun() or os.environ.get("RANK", "0") == "0":  # out_dir, resume target, device: one line each
+        from hai_llm.checkpoint.preflight import check_run_folder
+
+        check_run_folder(cfg)
     if is_torchrun() and world > 1:
         summary = _torchrun(cfg, cfg_yaml, world)
         if int(os.environ.get("RANK", 0)) != 0:
@@ -110,11 +149,18 @@ def launch(cfg: Config, cfg_yaml: str) -> dict:
     else:
         from hai_llm.parallel.spawn import run_ranks
 
-        summary = run_ranks(_train_rank, world, cfg, timeout=24 * 3600)[0]
+        summary = run_ranks(_train_rank, world, cfg, timeout=365 * 24 * 3600,
+                            collective_timeout_s=cfg.parallel.collective_timeout_s)[0]
     return _finish(cfg, summary)
 
 
 def _finish(cfg: Config, summary: dict) -> dict:
+    done = Path(cfg.train.out_dir) / "summary.json"
+    if not summary["losses"] and done.is_file():  # a finished run resumed: nothing trained, keep its summary
+        import json
+
+        print(f"done: nothing trained, {done} kept")
+        return {**json.loads(done.read_text()), "losses": []}
     ckpt.write_json_atomic(Path(cfg.train.out_dir) / "summary.json",
                            {k: v for k, v in summary.items() if k != "losses"})
     print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "

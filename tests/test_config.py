@@ -60,7 +60,7 @@ def test_unknown_model_name_lists_choices():
 
 @pytest.mark.parametrize("overrides, msg", [
     (["train.precision=fp16"], r"train.precision must be fp32 \| bf16 \| fp8, got 'fp16'"),
-    (["optim.schedule=linear"], r"optim.schedule must be constant \| cosine \| deepseek, got 'linear'"),
+    (["optim.schedule=linear"], r"optim.schedule must be constant \| cosine \| deepseek \| deepseek_v3, got 'linear'"),
     (["train.ema_decay=1.0"], r"train.ema_decay must be in \[0, 1\), got 1.0"),
     (["data.seq_len=1024"], r"data.seq_len=1024 exceeds model.max_seq_len=256"),
     (["train.steps=0"], r"train.steps must be >= 1, got 0"),

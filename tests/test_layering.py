@@ -40,6 +40,8 @@ UPPER = {  # package -> packages it must not import at import time
     "train": ["planner", "interop", "launch"],
     "planner": ["checkpoint", "train", "interop", "launch"],  # predicts the runtime's step: above it
     "interop": ["parallel", "pipeline", "runtime", "checkpoint", "train", "planner", "launch"],
+    # inference: a trained checkpoint into one process; model, config, checkpoint, interop, data only
+    "infer": ["layout", "optim", "parallel", "pipeline", "runtime", "train", "planner", "fp8", "launch"],
 }
 
 

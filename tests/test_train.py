@@ -111,24 +111,26 @@ def test_checkpoint_pointer_tmp_folders_and_pruning(make_config, tmp_path):
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000003", "step_00000004"]
     assert (root / "latest").read_text().strip() == "step_00000004"
-    assert (root / "step_00000004" / ".metadata").is_file()
+    assert (root / "step_00000004" / "trainer.json").is_file()
     assert not list(root.glob("*.tmp"))
 
-    # a crash while writing step 9 leaves a half-written .tmp folder: resume ignores it
+    # a crash while writing step 9 leaves a half-written .tmp folder: resume ignores it, and
+    # start-up removes it
     junk = root / "step_00000009.tmp"
     junk.mkdir()
-    (junk / "__0_0.distcp").write_bytes(b"partial")
+    (junk / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"partial")
     assert ckpt.latest_checkpoint(root) == root / "step_00000004"
     t = Trainer(make_config(tmp_path, "train.steps=5", "train.ckpt_every=1", "train.keep_ckpts=2"))
-    assert t.step == 4
+    assert t.step == 4 and not junk.exists()
     t.fit()
     assert (root / "latest").read_text().strip() == "step_00000005"
     assert sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith(".tmp")) == \
         ["step_00000004", "step_00000005"]
 
     # a pointer to an incomplete folder is an error with instructions, not a silent restart
-    (root / "latest").write_text("step_00000009.tmp")
-    with pytest.raises(RuntimeError, match="missing or incomplete; delete"):
+    (root / "latest").write_text("step_00000009")
+    with pytest.raises(ckpt.CheckpointError, match="missing or incomplete; delete .*newest complete one is "
+                                                   "step_00000005"):
         ckpt.latest_checkpoint(root)
 
 
@@ -194,11 +196,13 @@ def test_nonfinite_grad_norm_is_skipped(make_config, tmp_path):
 def test_too_many_bad_steps_raise(make_config, tmp_path, monkeypatch):
     t = Trainer(make_config(tmp_path, "train.steps=10", "train.max_bad_steps=3"))
     _poison(monkeypatch, t, set(range(1, 10)))
-    with pytest.raises(NonFiniteLossError, match=r"^step 3: .*non-finite for 3 steps in a row .*train\.max_bad_steps"):
+    # 1-based step numbers, as in metrics.jsonl: steps 2, 3, 4 were bad, 4 stops the run
+    with pytest.raises(NonFiniteLossError,
+                       match=r"^step 4: .*non-finite for 3 steps in a row \(steps 2-4, .*train\.max_bad_steps"):
         t.fit()
-    assert t.step == 3 and t.skipped_total == 3
+    assert t.step == 4 and t.skipped_total == 3
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["skipped"] for r in rows] == [0, 1, 1]  # the raising step is not logged
+    assert [(r["step"], r["skipped"]) for r in rows] == [(1, 0), (2, 1), (3, 1), (4, 1)]  # the stopping step too
 
 
 # =========================================================================================
@@ -580,7 +584,7 @@ def test_hydra_entry_point_end_to_end(tmp_path, corpus_dir):
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
     assert abs(summary["final_loss"] - sum(r["loss"] for r in rows) / 3) < 1e-9
-    assert (out / "checkpoints" / "step_00000003" / ".metadata").is_file()
+    assert (out / "checkpoints" / "step_00000003" / "trainer.json").is_file()
 
 
 @pytest.mark.slow  # ~5 s unloaded (wandb starts its service process), 12-23 s on a busy machine
