@@ -18,7 +18,9 @@ named with its signal (``hai_llm.parallel.spawn``); under torchrun each worker d
 agent, a restarted attempt continues in the first attempt's run folder from its latest
 checkpoint and gets a rendezvous namespace of its own (``hai_llm.launch.elastic``); both
 run every collective under ``parallel.collective_timeout_s`` with the flight recorder of
-``hai_llm.parallel.watchdog``, which prints a rank's last collectives when one hangs.
+``hai_llm.parallel.watchdog``, which prints a rank's last collectives when one hangs or a
+step stops making progress; under NCCL torch's own flight recorder is on too
+(``TORCH_NCCL_TRACE_BUFFER_SIZE``, ``TORCH_NCCL_DUMP_ON_TIMEOUT``; docs/failures_launch.md).
 """
 from __future__ import annotations
 
@@ -90,7 +92,7 @@ def _torchrun(cfg: Config, cfg_yaml: str, world: int) -> dict:
     import torch.distributed as dist
 
     from hai_llm.launch import elastic
-    from hai_llm.parallel.watchdog import CollectiveWatchdog, as_timedelta, die_with_parent
+    from hai_llm.parallel.watchdog import CollectiveWatchdog, as_timedelta, die_with_parent, nccl_trace_env
 
     die_with_parent()  # torchrun's agent: a worker never outlives it
     limit = cfg.parallel.collective_timeout_s
@@ -98,6 +100,7 @@ def _torchrun(cfg: Config, cfg_yaml: str, world: int) -> dict:
     backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        os.environ.update(nccl_trace_env(os.environ))  # torch's flight recorder, unless the user chose
     store = elastic.agent_store(limit)
     if store is None:  # not torchrun's agent store (a hand-made env://): torch's own rendezvous
         with elastic.setup_step("init_process_group(env://)", limit):

@@ -14,7 +14,9 @@ Stopping: Ctrl-C prints one line and exits 130; SIGTERM stops the ranks at once 
 143. Either way the run folder keeps its last complete checkpoint (checkpoints are renamed
 into place only when complete) and the same command with ``train.out_dir=<folder>``
 resumes it. A failed simulated rank is reported without a Python traceback of the launcher
-(``hai_llm.parallel.spawn.RankError`` names the rank and the cause).
+(``hai_llm.parallel.spawn.RankError`` names the rank and the cause); a bad input that only the
+ranks could find (vocabulary, meta.json, ``train.init_from``, a resume mismatch) is printed
+as one line with exit code 2, like one found here (``HAI_LLM_TRACEBACK=1`` shows tracebacks).
 """
 from __future__ import annotations
 
@@ -67,6 +69,9 @@ def _hydra_main(cfg: DictConfig) -> float:
         # a simulated rank failed: the message names it and how (the launcher's own stack says nothing)
         if os.environ.get("HAI_LLM_TRACEBACK"):
             raise
+        if e.bad_input:  # a bad input found inside the ranks: its one line, as if found here
+            print(f"hai-llm-train: error: {e.bad_input}", file=sys.stderr)
+            sys.exit(2)
         print(f"hai-llm-train: error: {e}", file=sys.stderr)
         sys.exit(1)
     except (ValueError, FileNotFoundError) as e:

@@ -99,6 +99,80 @@ def test_collective_timeout_reports_every_ranks_last_collectives():
     assert msg.count("#1 all_reduce((4,); float32; SUM) on group (0, 1)") == 2, msg
 
 
+def _stalls_after_a_step(rank: int, world: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from hai_llm.parallel.watchdog import heartbeat
+
+    for step in range(2):  # two quick steps, then one that never ends outside any collective
+        heartbeat(step)
+        dist.all_reduce(torch.ones(2))
+    heartbeat(2)
+    time.sleep(120)  # what a host sync on a hung NCCL collective looks like to Python
+
+
+@pytest.mark.dist
+def test_a_step_that_never_ends_is_reported_with_the_last_collectives():
+    with pytest.raises(RankError) as e:
+        run_ranks(_stalls_after_a_step, 2, timeout=120, collective_timeout_s=1.0)
+    msg = str(e.value)
+    assert msg.startswith("collective timeout on rank(s) ["), msg
+    assert re.search(r"has been in step 3 for \d+ s \(parallel\.collective_timeout_s=1;", msg), msg
+    assert "#1 all_reduce((2,); float32; SUM) on group (0, 1)" in msg, msg
+
+
+def _bad_input_on_every_rank(rank: int, world: int) -> None:
+    raise ValueError(f"data.path=/nowhere has no meta.json: run hai-llm-prepare --out /nowhere (rank {rank})")
+
+
+@pytest.mark.dist
+def test_bad_input_inside_ranks_is_one_line_without_traceback(monkeypatch):
+    monkeypatch.delenv("HAI_LLM_TRACEBACK", raising=False)
+    with pytest.raises(RankError) as e:
+        run_ranks(_bad_input_on_every_rank, 2, timeout=120)
+    assert e.value.bad_input == ("rank 0 of 2: data.path=/nowhere has no meta.json: run hai-llm-prepare --out "
+                                 "/nowhere (rank 0)"), e.value.bad_input
+    assert "Traceback" not in str(e.value) and "rank 1 of 2 failed: ValueError: data.path" in str(e.value), str(e.value)
+
+
+def _exits_by_itself(rank: int, world: int, folder: str) -> int:
+    import atexit
+
+    # runs only if the rank's interpreter ends normally: a SIGKILL after its result skips it
+    atexit.register(lambda: Path(folder, f"exited_{rank}").write_text("ok"))
+    return rank
+
+
+@pytest.mark.dist
+def test_successful_ranks_exit_on_their_own(tmp_path):
+    assert run_ranks(_exits_by_itself, 2, str(tmp_path), timeout=120) == [0, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exited_0", "exited_1"]
+
+
+@pytest.mark.dist
+def test_launcher_prints_a_bad_input_found_inside_ranks_as_one_line(tmp_path, corpus_dir):
+    import shutil
+
+    import numpy as np
+
+    data = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, data)
+    meta = json.loads((data / "meta.json").read_text())
+    tokens = np.memmap(data / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r+")
+    tokens[100] = 400  # beyond the tiny model's vocabulary (320); meta.json still claims less
+    tokens.flush()
+    del tokens
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("HAI_LLM_TRACEBACK", None)
+    r = subprocess.run([sys.executable, "-m", "hai_llm.launch.train", *SMALL_RUN, "parallel.nprocs=2",
+                        "train.steps=2", f"data.path={data}", f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("hai-llm-train: error: ") and "holds token id 400" in lines[0], lines
+
+
 # =========================================================================================
 # The flight recorder, without processes
 # =========================================================================================

@@ -40,6 +40,10 @@ is visible at once. A ``CollectiveRecorder`` may be entered while a ring is acti
 stacks on top; each records a call once, at its own outermost call); the reverse is not
 needed and refused like two recorders.
 
+This is the project's one patch of a library, entered and left like a context manager; torch's
+own flight recorder cannot replace it on gloo (no P2P entries, no completion times) or on the
+fake backend (no entries), docs/design.md ("The one sanctioned wrapper of torch.distributed").
+
 Limits: functions bound before patching (``from torch.distributed import all_reduce``; our
 own code looks them up at call time, see ``hai_llm.parallel.comm``) and functional
 collectives (``torch.distributed._functional_collectives``, used by DTensor) are not seen. Groups are identified by their rank tuples, so two communicators over the same

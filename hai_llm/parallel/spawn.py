@@ -15,6 +15,11 @@ Faults, and what the caller sees (docs/failures_launch.md):
 * A collective hangs: every rank runs under ``hai_llm.parallel.watchdog.CollectiveWatchdog``
   with ``collective_timeout_s``; a rank that times out reports its last collectives and the
   error lists each rank's report. ``timeout`` (the whole call) stays as the last resort.
+* A rank raises a bad-input error (``ValueError``, which ``CheckpointError`` is, or
+  ``FileNotFoundError``: a vocabulary, meta.json, ``init_from`` or resume mismatch found only
+  inside the ranks): ``RankError.bad_input`` is its message, one line naming the key and the
+  fix, which ``hai_llm.launch.train`` prints alone; the rank's traceback is left out of the
+  error unless ``HAI_LLM_TRACEBACK`` is set.
 * The launcher dies (SIGKILL, or any exit): ranks die with it (``die_with_parent``); they
   never keep training into the run folder. The launcher leaving ``run_ranks`` by an
   exception (Ctrl-C, SIGTERM turned into an exception by ``hai_llm.launch.train``) kills
@@ -22,7 +27,9 @@ Faults, and what the caller sees (docs/failures_launch.md):
   the whole process group: the launcher alone turns Ctrl-C into one line.
 
 Each rank's stderr goes through a pipe to a thread here, which echoes it and keeps the last
-lines, so a rank killed by SIGKILL still has its last words in the report.
+lines, so a rank killed by SIGKILL still has its last words in the report. After success the
+ranks get a few seconds to leave on their own (``destroy_process_group``, exit handlers);
+only a failure, an interrupt or a rank that will not end is met with SIGKILL.
 """
 from __future__ import annotations
 
@@ -43,7 +50,7 @@ import torch.multiprocessing as mp
 
 from hai_llm.parallel.watchdog import CollectiveWatchdog, as_timedelta, die_with_parent, is_peer_lost
 
-DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+EXIT_GRACE_S = 5.0  # after success, how long the ranks get to exit before they are killed
 TAIL_LINES = 12  # stderr lines of the failed rank quoted in the error
 
 
@@ -54,7 +61,19 @@ def free_port() -> int:
 
 
 class RankError(RuntimeError):
-    pass
+    """One or more ranks failed; ``str()`` names the ranks and causes. ``bad_input``: when the
+    cause is a bad input found inside a rank (``ValueError``, ``FileNotFoundError``), its
+    message with the rank, one line for the launcher to print; else ''."""
+
+    def __init__(self, message: str, bad_input: str = "") -> None:
+        super().__init__(message)
+        self.bad_input = bad_input
+
+
+def is_bad_input(exc: BaseException) -> bool:
+    """Does ``exc`` say that an input (config value, data file, checkpoint) is wrong? Its
+    message then names the key and the fix, and a traceback would only hide it."""
+    return isinstance(exc, (ValueError, FileNotFoundError))
 
 
 def signal_name(code: int) -> str:
@@ -89,8 +108,12 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, q, threa
             out = fn(rank, world, *args)
         q.put((rank, "ok", pickle.dumps(out)))
     except BaseException as e:  # report everything, including KeyboardInterrupt in a child
-        ring = dog.describe_failure(e)
-        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}" + (f"\n{ring}" if ring else "")))
+        if is_bad_input(e):  # the message is the report; the traceback only with HAI_LLM_TRACEBACK set
+            tb = traceback.format_exc() if os.environ.get("HAI_LLM_TRACEBACK") else ""
+            q.put((rank, "bad_input", (type(e).__name__, str(e), tb)))
+        else:
+            ring = dog.describe_failure(e)
+            q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}" + (f"\n{ring}" if ring else "")))
     finally:
         if dist.is_initialized():
             try:
@@ -146,21 +169,28 @@ def _how_it_ended(proc) -> str:
 
 
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300.0, threads: int = 1,
-              backend: str = "gloo", collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+              backend: str = "gloo", collective_timeout_s: float | None = None,
               grace_s: float = 3.0) -> list[Any]:
     """``[fn(0, world, *args), ..., fn(world-1, world, *args)]`` computed on ``world``
     processes. ``fn`` must be importable (a module-level function). ``timeout``: the whole
     call; ``collective_timeout_s``: one collective (the process group's timeout and the
-    watchdog's); ``grace_s``: how long the other ranks get to report after the first failure
+    watchdog's; None: the config's default, ``parallel.collective_timeout_s``, the one
+    default); ``grace_s``: how long the other ranks get to report after the first failure
     before they are killed."""
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
+    if collective_timeout_s is None:  # imported here: the ranks, which import this module, need no config
+        from hai_llm.config.schema import ParallelConfig
+
+        collective_timeout_s = ParallelConfig.collective_timeout_s
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
     echo = threading.Event()
     echo.set()
     procs, pumps = [], []
+    ended_well = False
+    bad: dict[int, str] = {}  # rank -> the message of its bad-input error
     try:
         for r in range(world):
             reader, writer = ctx.Pipe(duplex=False)
@@ -172,14 +202,20 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300.0, thre
             pump.start()
             procs.append(p)
             pumps.append(pump)
-        results, errors = _collect(procs, q, world, timeout, grace_s, echo, collective_timeout_s)
+        results, errors = _collect(procs, q, world, timeout, grace_s, echo, collective_timeout_s, bad)
+        ended_well = len(results) == world
     finally:
-        _stop(procs)  # also when the caller is interrupted (Ctrl-C, SIGTERM): no rank outlives this call
+        # also when the caller is interrupted (Ctrl-C, SIGTERM): no rank outlives this call
+        _stop(procs, EXIT_GRACE_S if ended_well else 0.0)
         for pump in pumps:
             pump.join(timeout=2.0)
     missing = [r for r in range(world) if r not in results and r not in errors]
     if errors or missing:
-        raise RankError(_explain(world, errors, missing, procs, pumps))
+        # one line only when bad inputs are all there is (the other ranks at most lost their peer)
+        only_bad = bad and all(r in bad or (errors[r] and is_peer_lost(errors[r].split("\n", 1)[0])) for r in errors)
+        first_bad = min(bad) if only_bad else None
+        one_line = "" if first_bad is None else f"rank {first_bad} of {world}: {bad[first_bad]}"
+        raise RankError(_explain(world, errors, missing, procs, pumps), bad_input=one_line)
     return [results[r] for r in range(world)]
 
 
@@ -199,9 +235,13 @@ def _start_ignoring_sigint(proc) -> None:
 
 
 def _collect(procs, q, world: int, timeout: float, grace_s: float, echo: threading.Event,
-             collective_timeout_s: float):
+             collective_timeout_s: float, bad: dict[int, str]):
+    """Each rank's result or error, until all reported or the deadline; ``bad`` gets the
+    message of each bad-input error (its ``errors`` entry is the head line, plus the
+    traceback under HAI_LLM_TRACEBACK)."""
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
+    ended_at: dict[int, float] = {}  # rank -> when we first saw its process ended
     deadline = time.monotonic() + timeout
     first_failure = None
     while len(results) + len(errors) < world:
@@ -215,7 +255,7 @@ def _collect(procs, q, world: int, timeout: float, grace_s: float, echo: threadi
             # message (if any) a moment to arrive, then count it
             dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results and r not in errors]
             for r in dead:
-                if time.monotonic() - _ended_at(procs[r]) > 0.5:
+                if time.monotonic() - ended_at.setdefault(r, time.monotonic()) > 0.5:
                     errors[r] = ""
             if (errors or dead) and first_failure is None:
                 first_failure = time.monotonic()
@@ -226,6 +266,10 @@ def _collect(procs, q, world: int, timeout: float, grace_s: float, echo: threadi
         if status == "ok":
             results[rank] = pickle.loads(payload)
         else:
+            if status == "bad_input":
+                kind, msg, tb = payload
+                bad[rank] = msg
+                payload = f"{kind}: {msg}\n{tb}"
             errors[rank] = payload
             if first_failure is None:
                 first_failure = time.monotonic()
@@ -238,14 +282,14 @@ def _collect(procs, q, world: int, timeout: float, grace_s: float, echo: threadi
     return results, errors
 
 
-def _ended_at(proc) -> float:
-    """When we first saw ``proc`` ended (stored on the process object)."""
-    if not hasattr(proc, "_hai_ended_at"):
-        proc._hai_ended_at = time.monotonic()
-    return proc._hai_ended_at
-
-
-def _stop(procs) -> None:
+def _stop(procs, exit_grace_s: float) -> None:
+    """End every rank: after success each gets ``exit_grace_s`` (shared) to leave by itself
+    (a rank reports before ``destroy_process_group`` and its exit handlers run); ranks still
+    alive then, and every rank after a failure or an interrupt, are SIGKILLed."""
+    deadline = time.monotonic() + exit_grace_s
+    for p in procs:
+        if p.is_alive() and exit_grace_s > 0:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
             p.kill()
@@ -284,7 +328,8 @@ def _explain(world: int, errors: dict[int, str], missing: list[int], procs, pump
             continue
         shown[head] = [r]
         lines.append(f"rank {r} of {world} failed: {head}")
-        lines.append(rest.rstrip())
+        if rest.strip():
+            lines.append(rest.rstrip())
     for head, ranks in shown.items():
         if len(ranks) > 1:
             lines.append(f"(ranks {ranks[1:]} failed with the same error: {head[:200]})")
