@@ -79,6 +79,23 @@ def test_out_dir_that_is_a_file_or_not_writable(make_config, tmp_path):
         check_run_folder(make_config(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("overrides, msg", [
+    (["train.max_tokens=-1"], r"^train\.max_tokens must be >= 0 \(0 = off"),
+    (["train.batch_ramp_start=4"], r"^train\.batch_ramp_start=4 / train\.batch_ramp_multiple=0 are set but "
+                                   r"train\.batch_ramp_tokens=0 \(no ramp\)"),
+    (["train.init_optimizer=true"], r"^train\.init_optimizer=true needs train\.init_from"),
+    (["train.bias_update=false", "schedules.bias_update_speed.values=[0.001]"],
+     r"^schedules\.bias_update_speed=\[0\.001\] has no effect with train\.bias_update=false"),
+    (["optim.schedule=deepseek_v3", "optim.decay_start_tokens=256", "optim.decay_tokens=256",
+      "optim.final_start_tokens=1024"], r"^optim\.final_lr must be > 0 when optim\.final_start_tokens=1024"),
+])
+def test_ignored_or_degenerate_keys_fail_with_one_line(make_config, tmp_path, overrides, msg):
+    """Keys that would be silently ignored (or give lr 0) with the other keys as set."""
+    with pytest.raises(ValueError, match=msg) as e:
+        make_config(tmp_path, *overrides)
+    assert "\n" not in str(e.value)
+
+
 # -- data -----------------------------------------------------------------------------------
 def _copy(corpus_dir, tmp_path):
     dst = tmp_path / "corpus"

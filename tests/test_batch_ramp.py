@@ -341,3 +341,25 @@ def test_paper_ramp_on_paper_layout_needs_4096_to_start():
     cfg.train = dataclasses.replace(cfg.train, batch_ramp_start=4096)
     lay = build_layout(cfg, 2048)
     assert lay.ramp.multiple == 256 and lay.for_batch(lay.batch_at(0)).n_micro == 32
+
+
+# ----------------------------------------------------------------------------- train.max_tokens
+def test_max_tokens_stops_at_the_first_step_reaching_it(corpus_dir, tmp_path):
+    """Tokens after each ramp step: 128, 256, 384, 640, 1024, ... (BATCHES x 32). max_tokens=600
+    ends the run at step 4 (640 >= 600 > 384) although train.steps=20: the last step logs,
+    checkpoints and ends the lr horizon (cosine: its shape depends on where the run ends)."""
+    from hai_llm.train.trainer import Trainer
+
+    cfg = _ramp_cfg(corpus_dir, tmp_path / "run", steps=20)
+    cfg.train = dataclasses.replace(cfg.train, max_tokens=600.0)
+    cfg.optim = dataclasses.replace(cfg.optim, schedule="cosine")
+    tr = Trainer(cfg)
+    assert tr.run_length() == 4 and tr.schedule.lr.horizon == 4
+    rs = tr.fit()
+    assert [r.global_batch for r in rs] == BATCHES[:4] and rs[-1].tokens == 640 and tr.step == 4
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and rows[-1]["tokens"] == 640
+    # train.steps first: the cap wins, the horizon is train.steps
+    cfg.train = dataclasses.replace(cfg.train, steps=3, out_dir=str(tmp_path / "capped"))
+    assert Trainer(cfg).schedule.lr.horizon == 3

@@ -344,3 +344,31 @@ def test_cli(tmp_path, corpus_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         prepare_main(["--out", str(tmp_path / "o"), str(tmp_path / "missing")])
     assert exc.value.code == 2 and "missing" in capsys.readouterr().err
+
+
+# -- the scan of tokens.bin, cached beside it (hai_llm/data/token_scan.py) ----------------------
+def test_max_id_scan_cached_beside_tokens_bin(small_ds, tmp_path):
+    ds, d = small_ds, small_ds.path
+    side = d / "tokens.bin.scan.json"
+    cached = json.loads(side.read_text())
+    assert cached["max_token_id"] == ds.max_token_id  # hai-llm-prepare recorded the id it wrote: no scan
+    assert (cached["size"], cached["mtime_ns"]) == ((d / "tokens.bin").stat().st_size,
+                                                    (d / "tokens.bin").stat().st_mtime_ns)
+    # a current cache is read, not re-scanned: a planted value under the file's key comes back as is
+    side.write_text(json.dumps({**cached, "max_token_id": 7}))
+    assert ds.data_max_token_id() == 7
+    # a write to tokens.bin (new mtime) makes it stale: the next check scans the data and re-caches
+    with open(d / "tokens.bin", "r+b") as fh:
+        fh.seek(5 * ds.dtype.itemsize)
+        fh.write(np.array([300], dtype=ds.dtype).tobytes())
+    assert ds.data_max_token_id() == 300 and json.loads(side.read_text())["max_token_id"] == 300
+    with pytest.raises(ValueError, match=r"tokens\.bin holds token id 300 but model\.vocab_size is 260"):
+        ds.check_vocab(260)
+    # no cache at all (e.g. a corpus from elsewhere): the launcher's preflight, before any rank
+    # starts, is the one process that scans and writes it
+    from hai_llm.checkpoint.preflight import check_run_folder
+    from helpers import fast_config
+
+    side.unlink()
+    check_run_folder(fast_config(tmp_path / "run", d, "model.vocab_size=320"))
+    assert json.loads(side.read_text())["max_token_id"] == 300

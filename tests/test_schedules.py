@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 
-from hai_llm.config.schema import OptimConfig, register_configs, to_config
+from hai_llm.config.schema import OptimConfig, ParallelConfig, register_configs, to_config
 from hai_llm.optim.schedules import LRSchedule, Piecewise, TrainingSchedule, lr_at
 from hai_llm.parallel.spawn import run_ranks
 from helpers import fast_config
@@ -63,6 +63,38 @@ def test_recipe_config_has_the_papers_schedules_at_their_breakpoints():
     assert (at(0).mtp_lambda, at(10 * T - 1).mtp_lambda, at(10 * T).mtp_lambda, at(14.8 * T).mtp_lambda) == (0.3, 0.3, 0.1, 0.1)
     assert {at(t).seq_aux_alpha for t in (0, 10 * T, 14.8 * T)} == {1e-4}
     assert cfg.data.seq_len == 4096 and cfg.optim.moments_dtype == "bfloat16"
+
+
+def test_recipe_reaches_14_8t_tokens_within_its_steps():
+    """train.max_tokens=14.8e12 ends the recipe's run at the first step reaching 14.8T tokens and
+    train.steps is only a cap above it: on the paper's layout (PP16 x DP128, DualPipe, one
+    sequence per micro-batch: granularity 256, ramp from 4096) and with the recipe's own start
+    3072 in multiples of 1 and 256. The step counts are walked step by step here (independent
+    of steps_to_tokens' closed form) and equal the ones the recipe's comment gives."""
+    from hai_llm.layout import build_layout
+    from hai_llm.layout.batch_ramp import BatchRamp
+    from hai_llm.train.trainer import steps_to_tokens
+
+    cfg = _compose("recipe=deepseek_v3", "model=deepseek_v3_671b")
+    t, seq, goal = cfg.train, cfg.data.seq_len, 14_800_000_000_000
+    assert t.max_tokens == goal and (t.batch_ramp_start, t.global_batch, seq) == (3072, 15360, 4096)
+    paper = dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch=1, batch_ramp_start=4096),
+                                parallel=ParallelConfig(pp=16, dp=128, ep=64, schedule="dualpipe"))
+    lay = build_layout(paper, 2048)
+    assert lay.ramp.multiple == 256
+    ramps = {"paper layout": (lay.batch_at, 241_458)}
+    for q, want in ((1, 242_785), (256, 243_099)):
+        ramps[f"3072 in multiples of {q}"] = (BatchRamp(3072, 15360, t.batch_ramp_tokens, q).batch_at, want)
+    for name, (batch_at, want) in ramps.items():
+        n = steps_to_tokens(batch_at, t.global_batch, seq, goal, cap=t.steps)
+        tokens = []
+        done = 0
+        for _ in range(n):
+            done += batch_at(done) * seq
+            tokens.append(done)
+        assert n == want < t.steps and tokens[-1] >= goal > tokens[-2], name
+    # without a ramp the constant batch needs 235,240 steps, the count the recipe once used
+    assert steps_to_tokens(lambda _: 15360, 15360, seq, goal, cap=t.steps) == 235_240
 
 
 def test_context_extension_recipes_have_the_reports_yarn_settings():

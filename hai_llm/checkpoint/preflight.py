@@ -7,6 +7,11 @@ new run's metrics and checkpoints would be mixed with the old ones). The launche
 :func:`check_run_folder` once, in the launching process; every message is one line naming the
 config key or the checkpoint, and the fix.
 
+The corpus (``data.path``, when set: without it the trainer's main rank prepares one) is opened
+and checked against ``model.vocab_size`` here too, which scans ``tokens.bin`` once and caches
+its largest id beside it (hai_llm/data/token_scan.py): the ranks then read the cached value
+instead of each scanning the file after the process group is up.
+
 The model-shape check reads only headers: ``trainer.json`` (the model config the checkpoint was
 saved with) and the safetensors headers (global tensor sizes), or a legacy ``.metadata`` through
 the allow-list unpickler; both models are built on the meta device, which allocates nothing.
@@ -25,6 +30,7 @@ def check_run_folder(cfg: Config) -> Path | None:
     """Raise ``ValueError`` (one line) unless ``cfg`` can run in ``cfg.train.out_dir``; returns
     the checkpoint the run will resume from (None: a fresh run)."""
     _check_device(cfg.train.device)
+    _check_corpus(cfg)
     out = Path(cfg.train.out_dir)
     _check_writable(out)
     root = out / "checkpoints"
@@ -46,6 +52,16 @@ def _check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but this machine has no usable CUDA device (torch.cuda.is_available() "
                          "is False): use train.device=cpu, or auto")
+
+
+def _check_corpus(cfg: Config) -> None:
+    """A corpus at ``data.path`` exists, is intact and fits ``model.vocab_size`` (the one scan of
+    its tokens.bin, cached for the ranks); FileNotFoundError / ValueError, one line each."""
+    if not cfg.data.path:
+        return
+    from hai_llm.data import TokenDataset
+
+    TokenDataset(cfg.data.path).check_vocab(cfg.model.vocab_size)
 
 
 def _check_writable(out: Path) -> None:

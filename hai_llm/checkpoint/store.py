@@ -383,7 +383,9 @@ def load_checkpoint(path: str | Path, weights: dict, buffers: dict | None = None
     check_shapes(path, wanted, have, meta.get("model"), model_config)
     state: dict = {"weights": weights, "buffers": buffers}
     if fmt == "safetensors":
-        reader, planner = HuggingFaceStorageReader(str(path)), None
+        # SafeLoadPlanner on both paths: DCP's default planner would full-unpickle any bytes
+        # item a (tampered) checkpoint declares; ours refuses anything but plain data
+        reader, planner = HuggingFaceStorageReader(str(path)), SafeLoadPlanner()
     else:
         state["trainer"] = legacy_trainer_template(read_legacy_metadata(path, trust))
         reader, planner = LegacyReader(path, trust), SafeLoadPlanner()

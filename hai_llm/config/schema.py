@@ -60,6 +60,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100
+    # stop at the first step whose tokens consumed (global_batch x data.seq_len per step, the
+    # batch-size ramp included) reach this many; 0 = off, train.steps alone ends the run. With
+    # both set the run ends at whichever comes first, and the step lr schedules (cosine,
+    # deepseek) end where the run does (hai_llm/train/trainer.py: run_length)
+    max_tokens: float = 0.0
     global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch: int = 4  # sequences per forward/backward on one rank
     # batch-size ramp (DeepSeek-V3: 3072 -> 15360 sequences over the first 469B tokens): the
@@ -133,6 +138,12 @@ class ParallelConfig:
     # expert all-to-all: flat | hierarchical (node-aware, DeepEP-style) | symmetric (hierarchical across
     # nodes, kernels writing into peers' symmetric-memory buffers inside a node)
     transport: str = "flat"
+    # symmetric transport sizing (docs/expert_parallel.md "Tunables"): CUDA bytes per exchange slot
+    # and rank in MiB (fixed; a DeepSeek-V3 layer's dispatch needs ~240: set 256), exchanges in
+    # flight per rank, programs per kernel launch (0 = one per row block; the report uses 20 SMs)
+    symm_slot_mb: int = 64
+    symm_slots: int = 8
+    symm_programs: int = 0
     # seconds one collective (and each set-up step: store, rendezvous, init) may wait before the
     # rank reports its last collectives and the job stops (hai_llm.parallel.watchdog)
     collective_timeout_s: float = 600.0
@@ -190,11 +201,27 @@ def validate_config(cfg: Config) -> None:
          f"train.batch_ramp_multiple must be >= 0 (0 = the layout's granularity), got {t.batch_ramp_multiple}")
     need(t.batch_ramp_tokens == 0 or t.batch_ramp_start >= 1,
          f"train.batch_ramp_start must be >= 1 sequences when train.batch_ramp_tokens > 0, got {t.batch_ramp_start}")
+    need(t.batch_ramp_tokens > 0 or (t.batch_ramp_start == 0 and t.batch_ramp_multiple == 0),
+         f"train.batch_ramp_start={t.batch_ramp_start} / train.batch_ramp_multiple={t.batch_ramp_multiple} are set "
+         f"but train.batch_ramp_tokens=0 (no ramp): set train.batch_ramp_tokens > 0 to ramp, or drop them")
+    need(t.max_tokens >= 0, f"train.max_tokens must be >= 0 (0 = off: train.steps ends the run), got {t.max_tokens}")
+    need(not t.init_optimizer or bool(t.init_from),
+         "train.init_optimizer=true needs train.init_from (the checkpoint whose optimizer state to load): set "
+         "train.init_from or drop train.init_optimizer")
+    need(t.bias_update or not any(cfg.schedules.bias_update_speed.values),
+         f"schedules.bias_update_speed={list(cfg.schedules.bias_update_speed.values)} has no effect with "
+         f"train.bias_update=false: set schedules.bias_update_speed.values=[] or drop train.bias_update=false")
     need(t.precision in ("auto", "fp32", "bf16", "fp8"),
          f"train.precision must be fp32 | bf16 | fp8, got '{t.precision}' (or auto: bf16 on CUDA, fp32 on CPU)")
     need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto | cpu | cuda, got '{t.device}'")
     need(cfg.parallel.collective_timeout_s > 0, f"parallel.collective_timeout_s must be > 0 seconds (the "
          f"longest one collective or set-up step may wait), got {cfg.parallel.collective_timeout_s}")
+    need(cfg.parallel.symm_slot_mb >= 1, f"parallel.symm_slot_mb must be >= 1 (MiB per symmetric exchange slot "
+         f"and rank; ~240 for a DeepSeek-V3 layer), got {cfg.parallel.symm_slot_mb}")
+    need(cfg.parallel.symm_slots >= 2, f"parallel.symm_slots must be >= 2 (symmetric exchanges in flight per "
+         f"rank), got {cfg.parallel.symm_slots}")
+    need(cfg.parallel.symm_programs >= 0, f"parallel.symm_programs must be >= 0 (programs per symmetric kernel "
+         f"launch, 0 = one per row block), got {cfg.parallel.symm_programs}")
     need(o.schedule in ("constant", "cosine", "deepseek", "deepseek_v3"),
          f"optim.schedule must be constant | cosine | deepseek | deepseek_v3, got '{o.schedule}'")
     if o.schedule == "deepseek_v3":
@@ -204,6 +231,9 @@ def validate_config(cfg: Config) -> None:
         need(o.final_start_tokens == 0 or o.final_start_tokens >= o.decay_start_tokens + o.decay_tokens,
              f"optim.final_start_tokens={o.final_start_tokens} must be 0 (no final stretch) or >= "
              f"optim.decay_start_tokens + optim.decay_tokens = {o.decay_start_tokens + o.decay_tokens}")
+        need(o.final_start_tokens == 0 or o.final_lr > 0,
+             f"optim.final_lr must be > 0 when optim.final_start_tokens={o.final_start_tokens} (the lr of the "
+             f"last stretch; the paper: 7.3e-6), got {o.final_lr}: set it, or optim.final_start_tokens=0")
     for key in ("bias_update_speed", "mtp_lambda", "seq_aux_alpha"):
         vs = getattr(cfg.schedules, key)
         need(not vs.values or len(vs.values) == len(vs.until_tokens) + 1,

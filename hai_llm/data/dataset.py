@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from hai_llm.data.prepare import META_FILE, OFFSETS_FILE, TOKENS_FILE, load_meta
+from hai_llm.data.token_scan import max_token_id
 
 
 class TokenDataset:
@@ -130,7 +131,8 @@ class TokenDataset:
                 f"{self.vocab_size} or prepare {self.path} with the model's tokenizer"
             )
         # meta.json is a claim; the data is the truth (a file edited or swapped after preparing
-        # would otherwise fail as an IndexError inside the embedding at step 1)
+        # would otherwise fail as an IndexError inside the embedding at step 1). Scanned once,
+        # cached next to tokens.bin (hai_llm/data/token_scan.py)
         largest = self.data_max_token_id()
         if largest >= model_vocab_size:
             raise ValueError(
@@ -140,11 +142,24 @@ class TokenDataset:
                 f"model.vocab_size > {largest}"
             )
 
-    def data_max_token_id(self, chunk: int = 1 << 24) -> int:
-        """The largest id actually in ``tokens.bin``: one pass over the memory map in chunks of
-        ``chunk`` tokens (about a second per GB; the page cache makes repeats cheap)."""
-        n = self.n_tokens
-        return max(int(self.tokens[i:i + chunk].max()) for i in range(0, n, chunk))
+    def data_max_token_id(self) -> int:
+        """The largest id actually in ``tokens.bin``: the cached scan when it is current (same
+        size and mtime), else one pass over the file (about a second per GB), then cached in
+        ``tokens.bin.scan.json`` (hai_llm/data/token_scan.py)."""
+        return max_token_id(self.path / TOKENS_FILE, self.dtype, self.n_tokens)
+
+
+def dp_slice(first: int, global_batch: int, dp_rank: int, dp_world: int) -> tuple[int, int]:
+    """``(first sample, count)`` of data-parallel rank ``dp_rank``'s share of a global batch of
+    ``global_batch`` samples starting at sample ``first``: the contiguous slice
+    ``[first + r*G/w, first + (r+1)*G/w)``. The one split rule of training batches
+    (``SequenceSampler``) and held-out batches (``HeldOutSplit``), so both split a global batch
+    the same way under every layout."""
+    if global_batch < 1 or global_batch % dp_world:
+        raise ValueError(f"a global batch of {global_batch} sequences does not split over the {dp_world} "
+                         f"data-parallel ranks; use a multiple of {dp_world}")
+    local = global_batch // dp_world
+    return first + dp_rank * local, local
 
 
 def window_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
@@ -237,8 +252,7 @@ class SequenceSampler:
 
     def local_batch_at(self, step: int) -> torch.Tensor:
         """This rank's slice of ``global_batch_at(step)`` (pure): ``[local_batch, window]``."""
-        return self._gather(step * self.global_batch + self.dp_rank * self.local_batch,
-                            self.local_batch)
+        return self._gather(*dp_slice(step * self.global_batch, self.global_batch, self.dp_rank, self.dp_world))
 
     def next_batch(self, global_batch: int | None = None) -> torch.Tensor:
         """This rank's next ``[global_batch // dp_world, seq_len + extra_tokens]`` LongTensor;
@@ -250,11 +264,7 @@ class SequenceSampler:
         so the union over ranks and steps is the sample order without gap or repeat, whatever
         the batches, and ``samples_consumed`` (the checkpointed position) is ``P_{s+1}``."""
         g = self.global_batch if global_batch is None else global_batch
-        if g < 1 or g % self.dp_world:
-            raise ValueError(f"a step's global batch of {g} sequences does not split over the "
-                             f"{self.dp_world} data-parallel ranks; use a multiple of {self.dp_world}")
-        local = g // self.dp_world
-        out = self._gather(self.samples_consumed + self.dp_rank * local, local)
+        out = self._gather(*dp_slice(self.samples_consumed, g, self.dp_rank, self.dp_world))
         self.samples_consumed += g
         return out
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hai_llm.data.dataset import TokenDataset
+from hai_llm.data.dataset import TokenDataset, dp_slice
 
 
 class HeldOutSplit:
@@ -69,11 +69,8 @@ class HeldOutSplit:
         """Data-parallel rank ``dp_rank``'s slice of held-out batch ``b``: ``[global_batch/dp_world, window]``."""
         if not 0 <= b < self.n_batches:
             raise IndexError(f"held-out batch {b} outside 0..{self.n_batches - 1}")
-        if self.global_batch % dp_world:
-            raise ValueError(f"train.global_batch={self.global_batch} is not divisible by the data-parallel "
-                             f"world size {dp_world}")
-        local = self.global_batch // dp_world
-        return self._gather(b * self.global_batch + dp_rank * local, local)
+        # the training batches' split (dataset.dp_slice): the same ranks read the same share
+        return self._gather(*dp_slice(b * self.global_batch, self.global_batch, dp_rank, dp_world))
 
     def _gather(self, first: int, count: int) -> torch.Tensor:
         idx = self.starts(first, count)[:, None] + np.arange(self.window, dtype=np.int64)[None, :]

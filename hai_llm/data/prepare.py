@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from hai_llm.data.token_scan import record_max_id
 from hai_llm.data.tokenizer import Tokenizer, build_tokenizer
 
 FORMAT_VERSION = 1
@@ -336,6 +337,9 @@ def _prepare(tok: Tokenizer, sources: list[str], patterns: tuple[str, ...],
             )
 
     _atomic_write(out_dir, TOKENS_FILE, write_tokens)
+    # the largest id just written is the data's: cached as if scanned (data/token_scan.py), so
+    # TokenDataset.check_vocab never scans a freshly prepared corpus
+    record_max_id(out_dir / TOKENS_FILE, state["max_id"])
     offsets = np.zeros(len(doc_lengths) + 1, dtype=np.int64)
     np.cumsum(np.asarray(doc_lengths, dtype=np.int64), out=offsets[1:])
     _atomic_write(out_dir, OFFSETS_FILE, lambda fh: np.save(fh, offsets))

@@ -174,11 +174,13 @@ class TrainingSchedule:
     scheduled: tuple[str, ...] = field(default=())  # which of gamma/lambda/alpha have a token schedule
 
     @staticmethod
-    def start(cfg: Config) -> "TrainingSchedule":
-        """The schedules of a run starting now: the lr horizon is this run's train.steps."""
+    def start(cfg: Config, horizon: int | None = None) -> "TrainingSchedule":
+        """The schedules of a run starting now: the lr horizon is the step where the run will end,
+        ``horizon`` (the trainer's ``run_length``: train.steps, or fewer when train.max_tokens
+        stops the run first), by default this run's train.steps."""
         s, m = cfg.schedules, cfg.model
         return TrainingSchedule(
-            lr=LRSchedule(cfg.optim, cfg.train.steps),
+            lr=LRSchedule(cfg.optim, cfg.train.steps if horizon is None else horizon),
             gamma=Piecewise.of(s.bias_update_speed, m.bias_update_speed),
             mtp_lambda=Piecewise.of(s.mtp_lambda, m.mtp_lambda),
             alpha=Piecewise.of(s.seq_aux_alpha, m.seq_aux_alpha),

@@ -42,6 +42,12 @@ class Runtime(ABC):
     spec_of: Optional[Callable[[str, torch.Tensor], ReduceSpec]] = None
     world_group = None
 
+    def __init__(self, cfg: Config, layout: Layout) -> None:
+        self.cfg = cfg
+        self.layout = layout
+        # global batch -> its step layout (layout_for), filled along a batch-size ramp
+        self._step_layouts: dict[int, Layout] = {}
+
     @abstractmethod
     def prepare_model(self, model: nn.Module, device=None) -> nn.Module:
         """This rank's part of ``model`` (built identically on every rank, normally on the meta
@@ -51,10 +57,9 @@ class Runtime(ABC):
         """The layout of a step of ``global_batch`` sequences (``Layout.for_batch``: its
         micro-batch count and schedule), built once per distinct batch of a batch-size ramp and
         kept for the run (a ramp has at most (end - start) / multiple + 1 of them)."""
-        cache = self.__dict__.setdefault("_step_layouts", {})  # per runtime (subclasses own __init__)
-        if global_batch not in cache:
-            cache[global_batch] = self.layout.for_batch(global_batch)
-        return cache[global_batch]
+        if global_batch not in self._step_layouts:
+            self._step_layouts[global_batch] = self.layout.for_batch(global_batch)
+        return self._step_layouts[global_batch]
 
     def positions(self, seq_len: int, device) -> torch.Tensor | None:
         """Positions of the window this rank computes (None: all of them)."""
@@ -133,8 +138,7 @@ class SingleProcessRuntime(Runtime):
     """One process, no parallelism: the layout of a world of one (FP8 swap only)."""
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.layout = build_layout(cfg, 1)
+        super().__init__(cfg, build_layout(cfg, 1))
 
     def prepare_model(self, model: nn.Module, device=None) -> nn.Module:
         return parallelize(model, self.layout, self.cfg, device=device).model

@@ -40,8 +40,7 @@ class MeshRuntime(Runtime):
         if layout.pp > 1 and not self.supports_pipeline:
             raise ValueError("parallel.pp > 1 runs through hai_llm.runtime.pipeline.PipelineRuntime; "
                              "MeshRuntime covers dp x sp x ep")
-        self.cfg = cfg
-        self.layout = layout
+        super().__init__(cfg, layout)
         self.dims = dims = layout.dims
         self.mesh = dims.build_mesh("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
         self.rank = dist.get_rank()

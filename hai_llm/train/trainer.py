@@ -27,6 +27,7 @@ from hai_llm.data import SequenceSampler, TokenDataset, ensure_prepared
 from hai_llm.data.heldout import HeldOutSplit
 from hai_llm.model.transformer import build_model, set_loss_weights
 from hai_llm.optim import LRSchedule, TrainingSchedule, set_lr
+from hai_llm.parallel.watchdog import heartbeat
 from hai_llm.runtime import Runtime, SingleProcessRuntime
 from hai_llm.train.ema import CPUEma
 from hai_llm.train.init_from import init_from_checkpoint
@@ -80,16 +81,13 @@ class Trainer:
             # fp32 matmuls (fp32 runs, and what autocast leaves in fp32) may use TF32 tensor cores
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.local_batch = self.rt.layout.local_batch
-        self.n_micro = self.rt.layout.n_micro
         torch.manual_seed(t.seed)
         # built on meta: parallelize() materialises and initialises only this rank's share
         # (stages, expert rows), with the values build_model(cfg.model, device, seed) would give
         # the model's own copy of its args: the trainer sets each step's loss weights on it
         # (set_loss_weights), never on the run's config
         self.model = self.rt.prepare_model(build_model(copy.copy(cfg.model), device="meta"), device=self.device)
-        self.dataset = TokenDataset(self._data_path())
-        self.dataset.check_vocab(cfg.model.vocab_size)
+        self.dataset = self._open_dataset()
         # validation on: the corpus tail is held out, the sampler only tiles the part before it
         self.heldout = HeldOutSplit(self.dataset, cfg.data.seq_len, 1 + cfg.model.n_mtp_layers, t.global_batch,
                                     t.eval_batches) if t.eval_every > 0 else None
@@ -103,9 +101,10 @@ class Trainer:
         # training tokens consumed (data.seq_len per sequence, skipped steps included): the
         # batch-size ramp's clock (Layout.batch_at); checkpointed, so a resume continues the ramp
         self.tokens = 0
-        # lr, gamma, lambda, alpha as functions of (step, tokens); the lr horizon is fixed here
-        # and kept in checkpoints (hai_llm/optim/schedules.py)
-        self.schedule = TrainingSchedule.start(cfg)
+        # lr, gamma, lambda, alpha as functions of (step, tokens); the lr horizon (the step where
+        # the run ends: train.steps or train.max_tokens) is fixed here and kept in checkpoints
+        # (hai_llm/optim/schedules.py)
+        self.schedule = TrainingSchedule.start(cfg, horizon=self.run_length())
         self.tokens_per_s = 0.0
         self.bad_in_a_row = 0
         self.skipped_total = 0
@@ -117,19 +116,47 @@ class Trainer:
                 self.ema = CPUEma(self.optimizer, t.ema_decay)
 
     # -- setup ---------------------------------------------------------------------------
-    def _data_path(self) -> Path:
-        d = self.cfg.data
+    def _open_dataset(self) -> TokenDataset:
+        """The run's corpus, checked against model.vocab_size. The main rank prepares it (no
+        data.path) and checks it first: the one scan of tokens.bin, whose largest id is cached
+        next to it (hai_llm/data/token_scan.py; the launcher's preflight or hai-llm-prepare
+        usually did it already), so the other ranks, after the barrier, read the cached value."""
+        d, vocab = self.cfg.data, self.cfg.model.vocab_size
         if d.path:
-            return Path(d.path)
-        sources = list(d.sources) or None
-        name = "stdlib" if sources is None else "custom"
-        out = Path(d.cache_dir) / f"{name}_{Path(d.tokenizer).stem}_{d.max_bytes}"
+            path = Path(d.path)
+        else:
+            sources = list(d.sources) or None
+            name = "stdlib" if sources is None else "custom"
+            path = Path(d.cache_dir) / f"{name}_{Path(d.tokenizer).stem}_{d.max_bytes}"
+        dataset = None
         if self.rt.is_main:
-            ensure_prepared(sources, out, tokenizer=d.tokenizer, pattern=d.pattern,
-                            max_bytes=d.max_bytes, text_field=d.text_field)
+            if not d.path:
+                ensure_prepared(sources, path, tokenizer=d.tokenizer, pattern=d.pattern,
+                                max_bytes=d.max_bytes, text_field=d.text_field)
+            dataset = TokenDataset(path)
+            dataset.check_vocab(vocab)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-        return out
+        if dataset is None:
+            dataset = TokenDataset(path)
+            dataset.check_vocab(vocab)
+        return dataset
+
+    def done(self) -> bool:
+        """Whether the run is over: train.steps steps taken, or train.max_tokens tokens consumed."""
+        t = self.cfg.train
+        return self.step >= t.steps or (t.max_tokens > 0 and self.tokens >= t.max_tokens)
+
+    def run_length(self) -> int:
+        """The step where the run will end, from where it is now (step, tokens consumed) under
+        this layout's batches: train.steps, or the first step whose tokens reach
+        train.max_tokens if that comes first."""
+        t = self.cfg.train
+        if t.max_tokens <= 0 or self.step >= t.steps:
+            return max(t.steps, self.step)
+        return self.step + steps_to_tokens(self.rt.layout.batch_at, self.rt.layout.global_batch, self.cfg.data.seq_len,
+                                           int(math.ceil(t.max_tokens)), cap=t.steps - self.step,
+                                           tokens_so_far=self.tokens)
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -186,7 +213,7 @@ class Trainer:
         A checkpoint written before schedules were stored (no state) keeps this run's train.steps."""
         if state is None:
             return
-        lr, note = LRSchedule.from_state(self.cfg.optim, state).resumed(self.step, self.cfg.train.steps)
+        lr, note = LRSchedule.from_state(self.cfg.optim, state).resumed(self.step, self.run_length())
         self.schedule = self.schedule.with_lr(lr)
         if note and self.rt.is_main:
             print(note)
@@ -272,22 +299,29 @@ class Trainer:
 
     def _eval_due(self) -> bool:
         every = self.cfg.train.eval_every
-        return every > 0 and (self.step % every == 0 or self.step == self.cfg.train.steps)
+        return every > 0 and (self.step % every == 0 or self.done())
 
     # -- loop ------------------------------------------------------------------------------
     def fit(self) -> list[StepResult]:
         cfg = self.cfg
         logger = MetricsLogger(self.out_dir, cfg.logging, OmegaConf.to_container(OmegaConf.structured(cfg)),
-                               cfg.train.steps, start_step=self.step, is_main=self.rt.is_main)
+                               self.run_length(), start_step=self.step, is_main=self.rt.is_main)
         results = []
-        if self.step >= cfg.train.steps and self.rt.is_main:
+        if self.done() and self.rt.is_main:
+            by_tokens = (f", {self.tokens:,} tokens consumed and train.max_tokens={cfg.train.max_tokens:g}"
+                         if cfg.train.max_tokens > 0 else "")
             print(f"nothing to train: the run in {self.out_dir} is already at step {self.step} and train.steps="
-                  f"{cfg.train.steps}; raise train.steps to continue it")
+                  f"{cfg.train.steps}{by_tokens}; raise train.steps{' or train.max_tokens' if by_tokens else ''} "
+                  f"to continue it")
+        elif cfg.train.max_tokens > 0 and self.run_length() == cfg.train.steps and self.rt.is_main:
+            print(f"note: train.steps={cfg.train.steps} ends the run before train.max_tokens={cfg.train.max_tokens:g} "
+                  f"tokens are consumed: raise train.steps to let train.max_tokens end it")
         if cfg.train.keep_ckpts == 0 and self.rt.is_main:
             print(f"train.keep_ckpts=0: every checkpoint is kept in {self.out_dir / 'checkpoints'} (set it >= 1 to "
                   f"keep only the newest ones)")
         try:
-            while self.step < cfg.train.steps:
+            while not self.done():
+                heartbeat(self.step)  # the rank's watchdog: a step that never ends is reported
                 t0 = time.perf_counter()
                 try:
                     r = self.train_step()
@@ -299,7 +333,7 @@ class Trainer:
                 tokens_per_step = r.global_batch * cfg.data.seq_len  # the step's own batch (ramp)
                 self.tokens_per_s = tokens_per_step / dt
                 val = self.evaluate() if self._eval_due() else {}
-                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps or val:
+                if self.step % cfg.logging.log_every == 0 or self.done() or val:
                     logger.log(self.step, {**self._metrics(r), "lr": self.optimizer.param_groups[0]["lr"],
                                            "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
                                            "global_batch": r.global_batch, "tokens": r.tokens,
@@ -307,7 +341,7 @@ class Trainer:
                                            **{k: v for k, v in self.step_values.metrics().items()
                                               if k in self.schedule.scheduled}})
                 every = cfg.train.ckpt_every
-                if (every and self.step % every == 0) or self.step == cfg.train.steps:
+                if (every and self.step % every == 0) or self.done():
                     self.save()
         finally:
             logger.close()
@@ -323,6 +357,24 @@ class Trainer:
             m["expert_load_max_over_mean"] = r.load_max_over_mean
             m["expert_load_worst_layer"] = r.load_worst_layer
         return m
+
+
+def steps_to_tokens(batch_at, full_batch: int, seq_len: int, max_tokens: int, cap: int,
+                    tokens_so_far: int = 0) -> int:
+    """Steps from ``tokens_so_far`` until the tokens consumed reach ``max_tokens`` (the step that
+    reaches them included), at most ``cap``. ``batch_at(tokens)`` is each step's global batch
+    (``Layout.batch_at``: the ramp, then ``full_batch`` for good, since ramp values never exceed
+    it and never decrease), so the steps are walked one by one only while the ramp lasts and
+    counted in closed form after it: ceil(remaining tokens / tokens per full step)."""
+    t, n = int(tokens_so_far), 0
+    while n < cap and t < max_tokens:
+        b = batch_at(t)
+        if b == full_batch:
+            per = full_batch * seq_len
+            return min(cap, n + -(-(max_tokens - t) // per))
+        t += b * seq_len
+        n += 1
+    return n
 
 
 def _load_stats(load: torch.Tensor | None, device: torch.device) -> torch.Tensor:
