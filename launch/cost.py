@@ -20,6 +20,7 @@ import json
 import sys
 import time
 
+from hai_llm.layout.layout import TRANSPORTS
 from hai_llm.layout.schedules import SCHEDULES
 
 
@@ -45,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="fp8", choices=("fp8", "bf16"))
     g.add_argument("--gemm-dtype", default=None, choices=("fp8", "bf16", "fp32"),
                    help="datatype the GEMMs run in (default from --precision; fp32 for CPU runs)")
-    g.add_argument("--transport", default="hierarchical", choices=("hierarchical", "flat"))
+    g.add_argument("--transport", default="hierarchical", choices=TRANSPORTS,
+                   help="expert all-to-all (parallel.transport); symmetric is priced as hierarchical: "
+                        "it moves the same bytes over the same links")
     g.add_argument("--recompute", default="selective", choices=("selective", "none", "full"))
     g.add_argument("--stage-layers", type=int, nargs="+", default=None, metavar="N")
     g.add_argument("--balance-ranks", action="store_true",

@@ -169,3 +169,20 @@ def test_cli_report_what_if_json_and_timeline(tmp_path, capsys):
     assert png.stat().st_size > 1000
     assert main(["--model", "tiny", "--world", "6", "--pp", "4"]) == 2  # one line naming the fix
     assert "hai-llm-cost:" in capsys.readouterr().err
+
+
+def test_symmetric_transport_is_priced_like_hierarchical(tmp_path, capsys):
+    """parallel.transport=symmetric moves the hierarchical transport's bytes over the same links
+    (identical CommStats, tests/test_symm_a2a.py), so the simulated step is the same number; EP 4
+    over two nodes of 2 makes flat differ (one IB copy per target GPU, not per node)."""
+    from hai_llm.launch.cost import main
+
+    step = {}
+    for kind in ("hierarchical", "symmetric", "flat"):
+        out = tmp_path / f"{kind}.json"
+        assert main(["--model", "tiny", "--set", "n_layers=4", "--set", "n_expert_groups=2", "--world", "8",
+                     "--pp", "2", "--ep", "4", "--gpus-per-node", "2", "--n-micro", "8", "--seq-len", "128",
+                     "--transport", kind, "--json", str(out)]) == 0
+        step[kind] = json.loads(out.read_text())["report"]["step_s"]
+    capsys.readouterr()
+    assert step["symmetric"] == step["hierarchical"] != step["flat"]

@@ -2,9 +2,11 @@
 
 The order, bottom to top: model <- config <- layout <- optim <- parallel <- pipeline <- runtime
 <- checkpoint <- train <- launch; kernels and fp8 are leaves used by parallel and runtime; the
-planner sits on layout and parallel, interop on model. Imports inside functions (lazy) are
-allowed to go up, by design (e.g. the FP8 recipe's hook in the pipeline's weight-gradient
-split); what a module imports when it is imported may not.
+planner sits on layout and parallel, interop on model, data on nothing above it; infer
+(sampling from a trained checkpoint) on model, config, data, checkpoint and interop, and only
+launch imports it. Imports inside functions (lazy) are allowed to go up, by design (e.g. the
+FP8 recipe's hook in the pipeline's weight-gradient split); what a module imports when it is
+imported may not.
 
 Two checks: every module of the package, statically (the closure of its import-time imports,
 read from the source: fast and complete), and a few modules for real, each imported alone in
@@ -25,22 +27,25 @@ ROOTS = {"hai_llm": REPO / "hai_llm", "hai_llm.kernels": REPO / "kernels", "hai_
 
 UPPER = {  # package -> packages it must not import at import time
     "model": ["config", "layout", "optim", "parallel", "pipeline", "runtime", "checkpoint", "train",
-              "planner", "interop", "fp8", "launch"],
+              "planner", "interop", "fp8", "infer", "launch"],
     "config": ["layout", "optim", "parallel", "pipeline", "runtime", "checkpoint", "train", "planner",
-               "launch"],
+               "infer", "launch"],
+    "data": ["layout", "optim", "parallel", "pipeline", "runtime", "checkpoint", "train", "planner",
+             "infer", "launch"],
     "layout": ["optim", "parallel", "pipeline", "runtime", "checkpoint", "train", "planner", "fp8",
-               "launch"],
-    "optim": ["parallel", "pipeline", "runtime", "checkpoint", "train", "planner", "launch"],
-    "kernels": ["model", "parallel", "pipeline", "runtime", "checkpoint", "train", "planner", "launch"],
-    "fp8": ["parallel", "pipeline", "runtime", "checkpoint", "train", "planner", "launch"],
-    "parallel": ["pipeline", "runtime", "checkpoint", "train", "planner", "interop", "launch"],
-    "pipeline": ["fp8", "runtime", "checkpoint", "train", "planner", "interop", "launch"],
-    "runtime": ["checkpoint", "train", "planner", "interop", "launch"],
-    "checkpoint": ["pipeline", "runtime", "train", "planner", "interop", "launch"],
-    "train": ["planner", "interop", "launch"],
-    "planner": ["checkpoint", "train", "interop", "launch"],  # predicts the runtime's step: above it
-    "interop": ["parallel", "pipeline", "runtime", "checkpoint", "train", "planner", "launch"],
-    # inference: a trained checkpoint into one process; model, config, checkpoint, interop, data only
+               "infer", "launch"],
+    "optim": ["parallel", "pipeline", "runtime", "checkpoint", "train", "planner", "infer", "launch"],
+    "kernels": ["model", "parallel", "pipeline", "runtime", "checkpoint", "train", "planner", "infer", "launch"],
+    "fp8": ["parallel", "pipeline", "runtime", "checkpoint", "train", "planner", "infer", "launch"],
+    "parallel": ["pipeline", "runtime", "checkpoint", "train", "planner", "interop", "infer", "launch"],
+    "pipeline": ["fp8", "runtime", "checkpoint", "train", "planner", "interop", "infer", "launch"],
+    "runtime": ["checkpoint", "train", "planner", "interop", "infer", "launch"],
+    "checkpoint": ["pipeline", "runtime", "train", "planner", "interop", "infer", "launch"],
+    "train": ["planner", "interop", "infer", "launch"],
+    "planner": ["checkpoint", "train", "interop", "infer", "launch"],  # predicts the runtime's step: above it
+    "interop": ["parallel", "pipeline", "runtime", "checkpoint", "train", "planner", "infer", "launch"],
+    # inference: a trained checkpoint into one process; model, config, checkpoint, interop, data only;
+    # only the launcher (hai-llm-sample) imports it
     "infer": ["layout", "optim", "parallel", "pipeline", "runtime", "train", "planner", "fp8", "launch"],
 }
 

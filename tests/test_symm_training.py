@@ -39,9 +39,13 @@ LAYOUTS = {  # name: (model overrides, parallel, pipeline runtime)
 }
 
 
+SIZING = dict(symm_slot_mb=2, symm_slots=6, symm_programs=3)  # reaches the transport from the config
+
+
 def _cfg(data, out, overrides, parallel, transport):
+    sizing = SIZING if transport == "symmetric" else {}
     return layout_config(str(data), str(out), steps=STEPS, model_overrides=overrides,
-                         parallel=dict(parallel, transport=transport))
+                         parallel=dict(parallel, transport=transport, **sizing))
 
 
 def _body(rank: int, world: int, cases: list) -> list[dict]:
@@ -62,6 +66,8 @@ def _body(rank: int, world: int, cases: list) -> list[dict]:
         tp = next(m.dispatcher.transport for m in trainer.model.modules()
                   if isinstance(getattr(m, "dispatcher", None), ExpertParallelDispatcher))
         res["transport"] = type(tp).__name__
+        res["sizing"] = (getattr(tp, "slot_bytes", None), getattr(tp, "n_slots", None),
+                         getattr(getattr(tp, "kernel", None), "channels", None))
         res["intra_bytes"] = tp.stats.total("intra_bytes", ["dispatch", "combine", "dispatch_bwd", "combine_bwd"])
         out.append(res)
     return out
@@ -93,6 +99,7 @@ def test_symmetric_equals_flat_bit_for_bit(runs, name):
     flat, sym = runs[(name, "flat")], runs[(name, "symmetric")]
     for rank, (f, s) in enumerate(zip(flat, sym, strict=True)):
         assert s["transport"] == "SymmetricTransport" and f["transport"] == "FlatTransport"
+        assert s["sizing"] == (SIZING["symm_slot_mb"] << 20, SIZING["symm_slots"], SIZING["symm_programs"])
         assert s["losses"] == f["losses"] and s["norms"] == f["norms"], (name, rank)
         assert set(s["grads"]) == set(f["grads"])
         for n, g in f["grads"].items():

@@ -36,7 +36,6 @@ What differs by design (all of it float32 rounding, none of it math):
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -141,7 +140,13 @@ def build_deepspeed(model: nn.Module, case: Zero1Case):
     """``deepspeed.initialize`` with ZeRO stage 1, fp32, our clipping and schedule. The process
     group must exist already (gloo ranks of ``hai_llm.parallel.spawn.run_ranks``)."""
     import deepspeed
+    from deepspeed.accelerator import set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
+    # both sides on the CPU of this gloo rank, also on a CUDA host: DeepSpeed would otherwise pick
+    # its CUDA accelerator and move its copy of the model to cuda:LOCAL_RANK.  DeepSpeed's own API
+    # for choosing the accelerator in code (no DS_ACCELERATOR written into the process env)
+    set_accelerator(CPU_Accelerator())
     o = case.optim
     # no decay on vectors (norm weights), as ours: the same split as hai_llm.optim.param_groups
     inner = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -231,10 +236,6 @@ def compare_states(ours: dict, ref: dict) -> dict[str, float]:
 def compare_rank(rank: int, world: int, case: Zero1Case) -> dict:
     """Body of one rank (``run_ranks``): both optimizers, step by step. Returns per-step losses,
     norms and state differences, each side's state bytes and step times (seconds)."""
-    # both sides on the CPU of this gloo rank, also on a CUDA host: DeepSpeed would otherwise
-    # pick its CUDA accelerator and move its copy of the model to cuda:LOCAL_RANK (this is a
-    # spawned rank process; DeepSpeed is imported in it after this line)
-    os.environ["DS_ACCELERATOR"] = "cpu"
     model_ours, model_ds = dense_model(case), dense_model(case)
     opt = build_ours(model_ours, world, case)
     engine = build_deepspeed(model_ds, case)

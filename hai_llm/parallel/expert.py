@@ -52,7 +52,7 @@ from torch import nn
 
 from hai_llm.model.moe import GroupedExperts, MoE
 
-from .transport import LinkModel, PendingPlan, Transport, _Plan, build_transport
+from .transport import LinkModel, PendingPlan, SymmSizing, Transport, _Plan, build_transport
 
 EXPERT_PARAM_NAMES = ("w1", "w2", "w3")
 
@@ -312,7 +312,7 @@ def apply_expert_parallel(model: nn.Module, groups=None, ep_rank: int | None = N
                           ep_size: int | None = None, *, transport: str | Transport = "flat",
                           gpus_per_node: int | None = None, all_ep_ranks=None,
                           link: LinkModel | None = None, use_triton: bool | None = None,
-                          fp8_dispatch: bool = False) -> Transport:
+                          fp8_dispatch: bool = False, symm: SymmSizing | None = None) -> Transport:
     """Shard the routed experts of every MoE layer over the EP group and install the dispatcher.
 
     ``groups``: a ``MeshGroups`` (uses its "ep" group, EP rank, node size and the layout of all EP
@@ -321,6 +321,7 @@ def apply_expert_parallel(model: nn.Module, groups=None, ep_rank: int | None = N
     all layers).  ``gpus_per_node`` defines (virtual) nodes: global rank // gpus_per_node;
     default the mesh's value, or the whole EP group on one node.  ``use_triton``: None = the
     Triton kernels for CUDA tensors and the torch references otherwise (True/False force one).
+    ``symm``: sizing of the symmetric transport (``SymmSizing.from_config(cfg.parallel)``).
     Collective: every rank of the world must call it (a transport creates process groups: count
     communicators, and the hierarchical stage groups).  Build optimizers
     AFTER this call (the expert parameters are new tensors).  Returns the transport (its
@@ -333,7 +334,7 @@ def apply_expert_parallel(model: nn.Module, groups=None, ep_rank: int | None = N
         if tp.ep_ranks != ep_ranks:
             raise ValueError(f"transport is for EP group {tp.ep_ranks}, not {ep_ranks}")
     else:
-        tp = build_transport(transport, ep_group, ep_ranks, gpn, all_ranks, link, use_triton)
+        tp = build_transport(transport, ep_group, ep_ranks, gpn, all_ranks, link, use_triton, symm)
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     for moe in layers:
         ex = moe.experts

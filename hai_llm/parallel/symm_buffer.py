@@ -50,7 +50,8 @@ import torch.distributed as dist
 _PAGE = mmap.PAGESIZE
 _PAD_STRIDE = 8  # int64 per rank and counter: one 64-byte cache line each (no false sharing)
 _ARRIVE, _DONE = 0, 1
-DEFAULT_SLOTS = 8
+DEFAULT_SLOTS = 8  # parallel.symm_slots
+DEFAULT_SLOT_BYTES = 64 << 20  # parallel.symm_slot_mb (CUDA; CPU buffers grow on demand)
 WAIT_TIMEOUT_S = 600.0
 
 
@@ -68,7 +69,8 @@ class SymmBuffer(abc.ABC):
 
     def __init__(self, n_ranks: int, local: int, n_slots: int):
         if n_slots < 2:
-            raise ValueError(f"symmetric buffer needs n_slots >= 2, got {n_slots}")
+            raise ValueError(f"parallel.symm_slots must be >= 2 (symmetric exchanges in flight per rank), "
+                             f"got {n_slots}")
         self.n_ranks, self.local, self.n_slots = n_ranks, local, n_slots
         self.seq = 0
         self._read: set[int] = set()  # exchanges read out of order, above the contiguous mark
@@ -80,8 +82,7 @@ class SymmBuffer(abc.ABC):
         oldest = self.seq + 1 - self.n_slots
         if oldest > self._done_mark:  # checked before counting it: the sequence stays in step
             raise RuntimeError(f"more than n_slots={self.n_slots} symmetric exchanges in flight on this rank "
-                               f"(exchange {oldest} still unread): build the transport with a larger "
-                               "n_slots (SymmetricTransport(..., n_slots=...))")
+                               f"(exchange {oldest} still unread): raise parallel.symm_slots (now {self.n_slots})")
         if oldest > 0:
             self._wait_done(oldest)
         self.seq += 1
@@ -268,7 +269,7 @@ class CudaSymmBuffer(SymmBuffer):
     ``group``); slot s of peer r is ``get_buffer(r, ...)[s * slot_bytes:]``.  Phases are ordered
     on the current stream by the handle's signal-pad barrier (``barrier(channel)``), used for both
     "arrived" and "done" (a barrier already implies every rank's earlier reads are queued before
-    it).  Capacity is fixed: an exchange that needs more raises, naming the parameter."""
+    it).  Capacity is fixed: an exchange that needs more raises, naming parallel.symm_slot_mb."""
 
     def __init__(self, group, group_ranks: Sequence[int], local: int, device: torch.device,
                  slot_bytes: int, n_slots: int = DEFAULT_SLOTS):
@@ -283,10 +284,7 @@ class CudaSymmBuffer(SymmBuffer):
         self._peer_bufs = [self._hdl.get_buffer(r, (total,), torch.uint8) for r in range(self.n_ranks)]
 
     def peers(self, slot: int, nbytes: Sequence[int]) -> list[torch.Tensor]:
-        need = max((int(n) for n in nbytes), default=0)
-        if need > self.slot_bytes:
-            raise ValueError(f"a symmetric exchange needs {need} bytes per rank but slots hold "
-                             f"{self.slot_bytes}: build the transport with a larger slot_bytes")
+        check_slot_capacity(max((int(n) for n in nbytes), default=0), self.slot_bytes)
         lo = slot * self.slot_bytes
         return [b[lo:lo + self.slot_bytes] for b in self._peer_bufs]
 
@@ -303,8 +301,17 @@ class CudaSymmBuffer(SymmBuffer):
         self._hdl.barrier(channel=1)
 
 
+def check_slot_capacity(need: int, slot_bytes: int) -> None:
+    """Raise, naming the config key and the value that fits, when one rank's share of an
+    exchange (``need`` bytes) does not fit a fixed CUDA slot of ``slot_bytes``."""
+    if need > slot_bytes:
+        mb = -(-need // (1 << 20))
+        raise ValueError(f"a symmetric exchange needs {need} bytes per rank but a slot holds {slot_bytes} "
+                         f"(parallel.symm_slot_mb={slot_bytes >> 20}): set parallel.symm_slot_mb={mb} or more")
+
+
 def build_symm_buffer(device: torch.device, group, group_ranks: Sequence[int], local: int,
-                      n_slots: int = DEFAULT_SLOTS, slot_bytes: int = 64 << 20) -> SymmBuffer:
+                      n_slots: int = DEFAULT_SLOTS, slot_bytes: int = DEFAULT_SLOT_BYTES) -> SymmBuffer:
     """The node's symmetric buffer for tensors on ``device``: shared-memory files for CPU
     tensors, ``torch.distributed._symmetric_memory`` for CUDA ones.  Collective over ``group``."""
     if device.type == "cuda":

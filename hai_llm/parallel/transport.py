@@ -446,13 +446,32 @@ def _all_groups(ep_ranks: Sequence[int], all_ep_ranks: Sequence[Sequence[int]] |
     return groups
 
 
+@dataclass(frozen=True)
+class SymmSizing:
+    """Sizing of the symmetric transport, from ``parallel.symm_slot_mb`` (fixed CUDA bytes per
+    exchange slot and rank, in MiB), ``parallel.symm_slots`` (exchanges in flight per rank) and
+    ``parallel.symm_programs`` (programs per kernel launch, 0 = one per row block);
+    docs/expert_parallel.md "Tunables" gives the values for a DeepSeek-V3 layer.  The defaults
+    are the config's."""
+
+    slot_mb: int = 64
+    slots: int = 8
+    programs: int = 0
+
+    @classmethod
+    def from_config(cls, parallel: Any) -> "SymmSizing":
+        """From a ``ParallelConfig`` (validate_config has checked the ranges)."""
+        return cls(parallel.symm_slot_mb, parallel.symm_slots, parallel.symm_programs)
+
+
 def build_transport(kind: str, ep_group, ep_ranks: Sequence[int], gpus_per_node: int,
                     all_ep_ranks: Sequence[Sequence[int]] | None = None, link: LinkModel | None = None,
-                    use_triton: bool | None = None) -> Transport:
+                    use_triton: bool | None = None, symm: SymmSizing | None = None) -> Transport:
     """A transport for this rank's EP group.  Collective over the world: both kinds create count
     communicators (hierarchical: also its stage groups) for every EP group of ``all_ep_ranks``
     (default: the world cut into contiguous EP-sized blocks, the ``ParallelDims`` layout).
-    ``use_triton=None``: Triton kernels for CUDA tensors, torch references otherwise."""
+    ``use_triton=None``: Triton kernels for CUDA tensors, torch references otherwise.
+    ``symm``: buffer and kernel sizing of the symmetric transport (ignored by the others)."""
     if kind == "flat":
         return FlatTransport(ep_group, ep_ranks, gpus_per_node, link, use_triton, all_ep_ranks)
     if kind == "hierarchical":
@@ -461,7 +480,12 @@ def build_transport(kind: str, ep_group, ep_ranks: Sequence[int], gpus_per_node:
 
         return HierarchicalTransport(ep_group, ep_ranks, gpus_per_node, all_ep_ranks, link, use_triton)
     if kind == "symmetric":
+        from hai_llm.kernels.symm_a2a import SymmKernelConfig
+
         from .transport_symmetric import SymmetricTransport  # hierarchical across nodes, kernels inside
 
-        return SymmetricTransport(ep_group, ep_ranks, gpus_per_node, all_ep_ranks, link, use_triton)
+        sz = symm or SymmSizing()
+        return SymmetricTransport(ep_group, ep_ranks, gpus_per_node, all_ep_ranks, link, use_triton,
+                                  kernel=SymmKernelConfig(channels=sz.programs), n_slots=sz.slots,
+                                  slot_bytes=sz.slot_mb << 20)
     raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")

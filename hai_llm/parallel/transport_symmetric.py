@@ -44,7 +44,7 @@ from hai_llm.kernels.symm_a2a import (SymmKernelConfig, symm_combine, symm_gathe
                                       symm_scatter)
 
 from .a2a_wire import _Group, _offsets, _pack, _Stage, _unpack
-from .symm_buffer import DEFAULT_SLOTS, SymmBuffer, build_symm_buffer
+from .symm_buffer import DEFAULT_SLOT_BYTES, DEFAULT_SLOTS, SymmBuffer, build_symm_buffer
 from .transport import PendingPlan
 from .transport_hierarchical import HierarchicalTransport, HierPlan
 
@@ -103,7 +103,7 @@ class SymmetricTransport(HierarchicalTransport):
 
     def __init__(self, ep_group, ep_ranks, gpus_per_node, all_ep_ranks: Sequence[Sequence[int]] | None = None,
                  link=None, use_triton=None, kernel: SymmKernelConfig | None = None,
-                 n_slots: int = DEFAULT_SLOTS, slot_bytes: int = 64 << 20):
+                 n_slots: int = DEFAULT_SLOTS, slot_bytes: int = DEFAULT_SLOT_BYTES):
         super().__init__(ep_group, ep_ranks, gpus_per_node, all_ep_ranks, link, use_triton)
         self.kernel = kernel or SymmKernelConfig()
         self.n_slots, self.slot_bytes = n_slots, slot_bytes

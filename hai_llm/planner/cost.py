@@ -18,7 +18,8 @@ communication lanes. ``PAPER`` holds DeepSeek-V3's reported cost (docs/deepseek_
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
 
 from hai_llm.model.args import ModelArgs
 
@@ -30,9 +31,10 @@ from .step_sim import StepSim, simulate_step
 
 # DeepSeek-V3 report [R] section 1 / Table 1 (docs/deepseek_v3.md#cluster-and-layout): printed
 # next to the planner's numbers, never used to compute them
-PAPER = {"gpu_hours_per_trillion": 180e3, "pretrain_tokens": 14.8e12, "pretrain_gpu_hours": 2664e3,
-         "context_extension_gpu_hours": 119e3, "post_training_gpu_hours": 5e3,
-         "total_gpu_hours": 2788e3, "price_per_gpu_hour": 2.0, "total_cost": 5.576e6, "gpus": 2048}
+PAPER: Mapping[str, float] = MappingProxyType({
+    "gpu_hours_per_trillion": 180e3, "pretrain_tokens": 14.8e12, "pretrain_gpu_hours": 2664e3,
+    "context_extension_gpu_hours": 119e3, "post_training_gpu_hours": 5e3,
+    "total_gpu_hours": 2788e3, "price_per_gpu_hour": 2.0, "total_cost": 5.576e6, "gpus": 2048})  # read-only
 
 
 @dataclass
@@ -198,7 +200,7 @@ def what_if(args: ModelArgs, base: Setting, hw: HardwareProfile, *, tokens: floa
             variants.append((f"schedule {sch}", base.replace(schedule=sch)))
     other = "bf16" if base.precision == "fp8" else "fp8"
     variants.append((f"precision {other}", base.replace(precision=other)))
-    flip = "flat" if base.transport == "hierarchical" else "hierarchical"
+    flip = "hierarchical" if base.transport == "flat" else "flat"  # symmetric is priced as hierarchical
     variants.append((f"{flip} dispatch", base.replace(transport=flip)))
     model = {label: args for label, _ in variants}
     rejected: list[dict[str, Any]] = []

@@ -97,11 +97,13 @@ def _structure(out: Parallelized, layout: Layout, cfg: Config, mesh: MeshGroups,
     # 4. expert parallelism
     if layout.ep > 1:
         from hai_llm.parallel.expert import apply_expert_parallel
+        from hai_llm.parallel.transport import SymmSizing
 
         # under the FP8 recipe the dispatch payload crosses the links in FP8 (power-of-2 scales
         # per 128 channels), as in the paper; combine stays in the compute dtype
         out.transport = apply_expert_parallel(out.model, mesh, transport=layout.transport, link=link,
-                                              fp8_dispatch=cfg.train.precision == "fp8")
+                                              fp8_dispatch=cfg.train.precision == "fp8",
+                                              symm=SymmSizing.from_config(cfg.parallel))
     # 5. weight-gradient split
     if layout.schedule is not None:
         from hai_llm.pipeline.wgrad_split import WeightGradStore, split_weight_grads
