@@ -4,14 +4,22 @@ What the simulated-rank runs of ``benchmarks/bench_predict.py`` spend their time
 one thing at a time (single-threaded, as each simulated rank runs):
 
 * ``peak_tflops.fp32``: torch.mm of 512 x 512 x 512 fp32 matrices (best of 5);
-* ``gemm_efficiency.fp32`` (and the attention efficiencies): the benchmark model's own forward
-  + backward in one process, FLOPs from ``hai_llm.planner.flops`` divided by the time, over the
-  matmul peak. At these tiny shapes (dim 64) per-op overhead dominates, so this is far below 1:
-  it is the achieved rate of THIS model, which is what a prediction needs (the GPU profiles take
-  theirs from a published kernel trace for the same reason);
+* ``gemm_efficiency.fp32`` (and the attention efficiencies): one training step of the benchmark
+  model on ONE rank through the real runtime path (``bench_predict.train_step``: the layout's
+  micro-batches, forward + backward, optimizer), FLOPs from ``hai_llm.planner.flops`` divided by
+  its CPU seconds (``time.process_time``: what the rank's own core spent, so a busy machine
+  slows the measurement less), over the matmul peak. At these tiny shapes (dim 64) per-op
+  dispatch overhead dominates, so this is far below 1: it is the achieved rate of THIS model's
+  pieces, which is what a prediction needs (the GPU profiles take theirs from a published
+  kernel trace for the same reason);
+* ``core_share``: the same step run at once in ``os.cpu_count()`` processes: solo CPU seconds /
+  CPU seconds of each concurrent copy (caches and memory bandwidth shared by busy cores);
 * ``net``: gloo send/recv between two processes: latency (8-byte ping-pong / 2) and bandwidth
-  (16 MB); ``a2a_latency_us``: the median small all_to_all_single of 4 processes (the EP run's
-  world), what each count and payload exchange of the transport costs;
+  (16 MB); ``a2a_cpu_us`` / ``a2a_latency_us``: the real flat transport between two processes
+  (the EP group of the runs) on the benchmark's routing shapes: plan + dispatch + combine + both
+  gradients, per dispatch/combine the CPU seconds of the issuing process (its Python, packing
+  and gloo threads) and the wall time beyond them; ``p2p_cpu_us``: CPU seconds of one pipeline
+  send or receive of a micro-batch's activations (receiver already waiting);
 * ``hbm_gbps``: a 128 MB tensor copy (read + write);
 * ``ep_link``: the link emulation of the simulated runs (``LinkModel``: NVLink 160 / IB 50 GB/s,
   5 us per stage, docs/deepseek_v3.md#cluster-and-layout) with the ``time_scale`` that makes
@@ -27,11 +35,13 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import MICRO_BATCH, SEQ, bench_cfg  # noqa: E402
@@ -51,6 +61,98 @@ def _best(fn, reps: int = 5, inner: int = 1) -> float:
 def matmul_gflops(n: int = 512) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2.0 * n ** 3 / _best(lambda: torch.mm(a, b), inner=10) / 1e9
+
+
+def _step_cpu_s(reps: int) -> list[float]:
+    """CPU seconds of ``reps`` one-rank training steps of the benchmark model (runtime path)."""
+    from bench_predict import build_run, train_step
+
+    torch.set_num_threads(1)
+    layout, rt, model, opt, batch = build_run(bench_cfg(1, 1, 1, "1f1b"), 1)
+    train_step(rt, layout, model, opt, batch)
+    out = []
+    for _ in range(reps):
+        c0 = time.process_time()
+        train_step(rt, layout, model, opt, batch)
+        out.append(time.process_time() - c0)
+    return out
+
+
+def _step_flops() -> float:
+    from hai_llm.layout import build_layout
+    from hai_llm.planner.flops import model_flops
+
+    cfg = bench_cfg(1, 1, 1, "1f1b")
+    fl = model_flops(cfg.model, SEQ, recompute=cfg.model.recompute)
+    return (fl.model + fl.recompute) * build_layout(cfg, 1).local_batch * SEQ
+
+
+def _concurrent_body(barrier, queue, reps: int) -> None:
+    barrier.wait()
+    queue.put(statistics.median(_step_cpu_s(reps)))
+
+
+def runtime_gflops(reps: int = 7) -> tuple[float, float]:
+    """(achieved GFLOP/s of one rank's training step alone, core share with every core busy)."""
+    import multiprocessing as mp
+
+    solo = statistics.median(_step_cpu_s(reps))
+    n = os.cpu_count() or 1
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_concurrent_body, args=(barrier, queue, reps)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    shared = statistics.median(queue.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join()
+    return _step_flops() / solo / 1e9, min(1.0, solo / shared)
+
+
+def _transport_ops(rank: int, world: int, reps: int) -> tuple[float, float]:
+    """Median (CPU, wall) seconds per dispatch/combine of the flat transport on this process."""
+    import torch.distributed as dist
+
+    from hai_llm.parallel.transport import build_transport
+
+    torch.set_num_threads(1)
+    m = bench_cfg(2, 2, 2, "dualpipe").model
+    T, K, E = MICRO_BATCH * SEQ, m.n_activated_experts, m.n_routed_experts
+    groups = [list(range(i, i + 2)) for i in range(0, world, 2)]  # EP groups of 2, as the runs
+    pgs = [dist.new_group(g) for g in groups]
+    mine = rank // 2
+    tr = build_transport("flat", pgs[mine], groups[mine], 8, all_ep_ranks=groups)
+    g = torch.Generator().manual_seed(rank)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    x, w = torch.randn(T, m.dim), torch.rand(T * K, 1)
+
+    def block():  # what one MoE block of one micro-batch issues: 4 all-to-alls, one plan
+        plan = tr.plan(idx, E)
+        rows, aux = tr.scatter_async(plan, x, w).wait()
+        out, _ = tr.gather_async(plan, rows, None, op="combine").wait()
+        grad, _ = tr.scatter_async(plan, out, None, op="combine_bwd").wait()
+        tr.gather_async(plan, grad, aux, op="dispatch_bwd").wait()
+
+    block()
+    cpu, wall = [], []
+    for _ in range(reps):
+        dist.barrier()
+        c0, t0 = time.process_time(), time.perf_counter()
+        block()
+        cpu.append((time.process_time() - c0) / 4)
+        wall.append((time.perf_counter() - t0) / 4)
+    return statistics.median(cpu), statistics.median(wall)
+
+
+def transport_op_us(reps: int = 40, world: int = 4) -> tuple[float, float]:
+    """(CPU us, wall us beyond the CPU) per dispatch/combine of the flat transport: ``world``
+    processes in EP groups of 2 exchanging at once (the EP runs' world and groups)."""
+    from hai_llm.parallel.spawn import run_ranks
+
+    res = run_ranks(_transport_ops, world, reps, timeout=600)
+    cpu = statistics.mean(c for c, _ in res)
+    wall = max(w for _, w in res)
+    return cpu * 1e6, max(0.0, wall - cpu) * 1e6
 
 
 def model_gflops() -> tuple[float, float]:
@@ -98,27 +200,62 @@ def _pingpong(rank: int, world: int, sizes: list[int], reps: int) -> dict:
     return out
 
 
-def _a2a(rank: int, world: int, reps: int) -> float:
-    import statistics
-
+def _p2p_cpu(rank: int, world: int, n: int, reps: int) -> float:
+    """Median CPU seconds of one send (rank 0) or receive (rank 1) of ``n`` floats, the receiver
+    already waiting (rank 0 sleeps 2 ms first), as a pipeline's activations and gradients."""
     import torch.distributed as dist
 
-    send, recv = torch.zeros(world * 16), torch.zeros(world * 16)
-    times = []
+    t, out = torch.zeros(n), []
     for _ in range(reps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        dist.all_to_all_single(recv, send)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        if rank == 0:
+            time.sleep(2e-3)
+        c0 = time.process_time()
+        dist.send(t, 1) if rank == 0 else dist.recv(t, 0)
+        out.append(time.process_time() - c0)
+    return statistics.median(out)
 
 
-def gloo_a2a_latency_us(world: int = 4) -> float:
-    """Median time of a small all_to_all_single over ``world`` processes (the EP run's world):
-    what each count or payload exchange of the transport costs before its bytes."""
+def p2p_cpu_us() -> float:
+    """CPU per pipeline message (send and receive averaged) of one micro-batch's activations."""
     from hai_llm.parallel.spawn import run_ranks
 
-    return max(run_ranks(_a2a, world, 30, timeout=600)) * 1e6
+    m = bench_cfg(2, 2, 2, "dualpipe").model
+    return statistics.mean(run_ranks(_p2p_cpu, 2, MICRO_BATCH * SEQ * m.dim, 60, timeout=600)) * 1e6
+
+
+def _pipeline_cpu(rank: int, world: int, reps: int) -> float:
+    """Median CPU seconds of this rank's training step in a pp2 1F1B pipeline (no EP, no DP)."""
+    from bench_predict import build_run, train_step
+
+    torch.set_num_threads(1)
+    layout, rt, model, opt, batch = build_run(bench_cfg(2, 1, 1, "1f1b"), world)
+    train_step(rt, layout, model, opt, batch)
+    out = []
+    for _ in range(reps):
+        c0 = time.process_time()
+        train_step(rt, layout, model, opt, batch)
+        out.append(time.process_time() - c0)
+    return statistics.median(out)
+
+
+def pipeline_message_cpu_us(m: dict) -> float:
+    """CPU per pipeline message as a pipeline spends it (gloo send/recv and the executor's work
+    around each: activation bookkeeping, piece graphs, the loss stage): a 2-rank pp2 1F1B run
+    (no expert or data parallelism; 2 ranks on >= 2 cores, no time-sharing; not one of the
+    predicted runs) minus the compute the profile measured so far prices for it, per message."""
+    from bench_predict import predict
+
+    from hai_llm.parallel.spawn import run_ranks
+    from hai_llm.planner.hardware import profile_from_dict
+
+    measured = statistics.mean(run_ranks(_pipeline_cpu, 2, 5, timeout=900))
+    hw = profile_from_dict(yaml.safe_load(profile_text({**m, "p2p_cpu_us": 0.0})), "calibration")
+    cfg = bench_cfg(2, 1, 1, "1f1b")
+    compute = predict(cfg, 2, hw)["cpu"]
+    from hai_llm.layout import build_layout
+
+    messages = 2 * build_layout(cfg, 2).n_micro  # per rank: activations out + gradients in (or back)
+    return max(m["p2p_cpu_us"], (measured - compute) / messages * 1e6)
 
 
 def gloo_link() -> tuple[float, float]:
@@ -157,11 +294,16 @@ def measure() -> dict:
     """Every measurement of the profile, now (single-threaded)."""
     torch.set_num_threads(1)
     peak = matmul_gflops()
-    rate, ffn_s = model_gflops()
+    bare, ffn_s = model_gflops()
+    rate, share = runtime_gflops()
     lat_us, bw = gloo_link()
-    return {"peak": peak, "rate": rate, "ffn_s": ffn_s, "lat_us": lat_us, "bw": bw,
-            "a2a_us": gloo_a2a_latency_us(), "mem": copy_gbps(),
+    a2a_cpu, a2a_wait = transport_op_us()
+    p2p_cpu = p2p_cpu_us()
+    out = {"peak": peak, "rate": rate, "bare": bare, "share": share, "ffn_s": ffn_s, "lat_us": lat_us,
+            "bw": bw, "a2a_us": a2a_wait, "a2a_cpu_us": a2a_cpu, "p2p_cpu_us": p2p_cpu, "mem": copy_gbps(),
             "scale": link_time_scale(ffn_s, rate * 1e9), "load": os.getloadavg()[0]}
+    out["pipe_msg_us"] = pipeline_message_cpu_us(out)
+    return out
 
 
 def profile_text(m: dict) -> str:
@@ -177,10 +319,11 @@ gpus_per_node: 8   # the virtual node of simulated ranks (hai_llm.layout.DEFAULT
 peak_tflops:
   fp32: {peak / 1e3:.6f}   # torch.mm 512^3 fp32: {peak:.2f} GFLOP/s
 gemm_efficiency:
-  fp32: {eff:.4f}   # the benchmark model's forward+backward: {rate:.3f} GFLOP/s achieved / matmul peak
+  fp32: {eff:.4f}   # one rank's training step (runtime path): {rate:.3f} GFLOP/s achieved / matmul peak
 attn_efficiency_fwd: {eff:.4f}   # attention priced at the same achieved rate (one measurement)
 attn_efficiency_bwd: {eff:.4f}
 nongemm_fraction: 0.0   # already inside the achieved rate above
+core_share: {m['share']:.3f}   # per-process rate with all {os.cpu_count()} cores running the step / alone
 hbm_gbps: {m['mem']:.2f}   # tensor copy, read + write
 ep_link:   # hai_llm.parallel.a2a_wire.LinkModel of the simulated runs
   intra_gbps: 160.0
@@ -192,15 +335,21 @@ net:   # gloo send/recv between two processes of this machine
   inter_gbps: {m['bw']:.3f}
   intra_latency_us: {m['lat_us']:.1f}
   inter_latency_us: {m['lat_us']:.1f}
-  a2a_latency_us: {m['a2a_us']:.1f}   # median all_to_all_single of 4 processes (count or payload exchange)
+  a2a_latency_us: {m['a2a_us']:.1f}   # flat transport, 4 processes in EP groups of 2: wall per dispatch/combine beyond its CPU
+  a2a_cpu_us: {m['a2a_cpu_us']:.1f}   # the same: CPU per dispatch/combine on the issuing process (plan included)
+  p2p_cpu_us: {m.get('pipe_msg_us', m['p2p_cpu_us']):.1f}   # CPU per pipeline message in a pp2 pipeline (see measured)
 shared_cores: {os.cpu_count()}
 measured:
   matmul_gflops: {peak:.3f}
-  model_gflops: {rate:.4f}
+  model_gflops: {rate:.4f}   # runtime step, CPU seconds
+  bare_model_gflops: {m['bare']:.4f}   # model.loss + backward of one micro-batch, wall, best of 7
   moe_ffn_forward_ms: {m['ffn_s'] * 1e3:.4f}
   gloo_latency_us: {m['lat_us']:.1f}
   gloo_gbps: {m['bw']:.3f}
-  gloo_a2a_us: {m['a2a_us']:.1f}
+  transport_op_cpu_us: {m['a2a_cpu_us']:.1f}
+  transport_op_wait_us: {m['a2a_us']:.1f}
+  gloo_p2p_cpu_us: {m['p2p_cpu_us']:.1f}   # one bare send/recv
+  pipeline_message_cpu_us: {m.get('pipe_msg_us', 0.0):.1f}   # pp2 1F1B run: CPU beyond compute, per message
   copy_gbps: {m['mem']:.2f}
   load_average: {m['load']:.1f}
 """

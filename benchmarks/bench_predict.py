@@ -10,13 +10,17 @@ runs that are then measured:
   transport with a :class:`LinkModel` (link emulation);
 * ``pp2 dp2 ep2 1f1b``: the same mesh under 1F1B (nothing overlaps the all-to-alls).
 
-A measured step is ``zero_grad + forward_backward + reduce_gradients + clip + step`` of the
-real runtime (what the trainer's step does), the fastest of ``--steps`` after a warm-up. Runs
-with expert parallelism are timed without and with the link model, interleaved, and report::
+A measured step is ``train_step`` below: the runtime and optimizer calls of
+``Trainer.train_step`` in its order (zero_grad, ``reduce_metrics(forward_backward)`` over the
+layout's ``local_batch`` in ``layout.n_micro`` micro-batches, ``reduce_gradients``, the one
+host read of loss terms and norm, clip, step), the data sampler and logging left out. Runs with
+expert parallelism are timed without and with the link model, interleaved step by step; the
+table reports the min and the median over ``--steps`` per rank (slowest rank). The exposed
+fraction is the share of the step the emulated links add, measured and predicted alike::
 
-    exposed fraction = (T_with_link - T_without_link) / emulated all-to-all time per step
+    exposed = (T_with_link - T_without_link) / T_with_link
 
-(measured from the transport's own modeled time; predicted the same way from two simulations).
+(the planner's own split of exposed waits inside / outside F&B pairs is printed next to it).
 Timings on a shared 2-core machine are noisy: re-run on a quiet machine with
 
     OMP_NUM_THREADS=1 python benchmarks/bench_calibrate_cpu.py    # writes configs/hardware/cpu_measured.yaml
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 import sys
@@ -56,57 +61,70 @@ def bench_cfg(pp: int, dp: int, ep: int, schedule: str):
                                           n_micro=N_MICRO, transport="flat"))
 
 
-def _tokens(cfg, dp_rank: int) -> torch.Tensor:
+def _tokens(cfg, layout, dp_rank: int) -> torch.Tensor:
+    """This data-parallel rank's batch: ``layout.local_batch`` sequences (the layout's split)."""
     g = torch.Generator().manual_seed(1000 + dp_rank)
     T = cfg.data.seq_len + 1 + cfg.model.n_mtp_layers
-    return torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch // cfg.parallel.dp, T), generator=g)
+    return torch.randint(0, cfg.model.vocab_size, (layout.local_batch, T), generator=g)
 
 
-def measure_body(rank: int, world: int, cfg, link_params: dict, steps: int) -> dict:
-    """Time full optimizer steps, link emulation off / on (interleaved); fastest of each."""
-    import contextlib
-
-    import torch.distributed as dist
-
+def build_run(cfg, world: int):
+    """(layout, runtime, model, optimizer, batch) of this rank, as the trainer builds them."""
     from hai_llm.layout import build_layout
     from hai_llm.model.transformer import build_model
-    from hai_llm.parallel.a2a_wire import LinkModel
     from hai_llm.runtime import build_runtime
 
     layout = build_layout(cfg, world)
     rt = build_runtime(cfg, layout)
     model = rt.prepare_model(build_model(cfg.model, device="cpu", seed=cfg.train.seed))
     opt = rt.build_optimizer(model, cfg)
-    batch = _tokens(cfg, rt.dp_rank)
+    return layout, rt, model, opt, _tokens(cfg, layout, rt.dp_rank)
+
+
+def train_step(rt, layout, model, opt, batch) -> float:
+    """The runtime/optimizer calls of ``Trainer.train_step``, in its order; returns the loss."""
+    import contextlib
+
+    opt.zero_grad(set_to_none=True)
+    tot = rt.reduce_metrics(rt.forward_backward(model, batch, layout.n_micro, contextlib.nullcontext))
+    norm = opt.reduce_gradients()
+    loss, grad_norm = torch.cat([tot["terms"][:1], norm.reshape(1).to(tot["terms"])]).tolist()
+    opt.clip(grad_norm, 1.0)
+    opt.step()
+    return loss
+
+
+def measure_body(rank: int, world: int, cfg, link_params: dict, steps: int) -> dict:
+    """Time ``train_step``, link emulation off / on (interleaved); wall and CPU seconds."""
+    import torch.distributed as dist
+
+    from hai_llm.parallel.a2a_wire import LinkModel
+
+    torch.set_num_threads(1)
+    layout, rt, model, opt, batch = build_run(cfg, world)
     transport = getattr(rt, "transport", None)
     link = LinkModel(**link_params) if transport is not None else None
 
     def step(with_link: bool) -> tuple[float, float]:
         if transport is not None:
             transport.link = link if with_link else None
-            transport.stats.reset()
         dist.barrier()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        rt.forward_backward(model, batch, layout.n_micro, contextlib.nullcontext)
-        norm = opt.reduce_gradients()
-        opt.clip(float(norm), 1.0)
-        opt.step()
+        t0, c0 = time.perf_counter(), time.process_time()
+        train_step(rt, layout, model, opt, batch)
+        c1 = time.process_time()
         dist.barrier()
-        dt = time.perf_counter() - t0
-        emulated = transport.stats.total("modeled_s") * link.time_scale if with_link and transport else 0.0
-        return dt, emulated
+        return time.perf_counter() - t0, c1 - c0
 
     step(False)
     if link is not None:
         step(True)
-    out = {"nolink": [], "link": [], "emulated": 0.0}
+    out = {"nolink": [], "link": [], "cpu": []}
     for _ in range(steps):
-        out["nolink"].append(step(False)[0])
+        dt, cpu = step(False)
+        out["nolink"].append(dt)
+        out["cpu"].append(cpu)
         if link is not None:
-            dt, emu = step(True)
-            out["link"].append(dt)
-            out["emulated"] = emu
+            out["link"].append(step(True)[0])
     return out
 
 
@@ -123,10 +141,11 @@ def predict(cfg, world: int, hw) -> dict:
     on = simulate_step(plan, cfg.model, hw, **kw)
     off = simulate_step(plan, cfg.model, replace(hw, ep_link=replace(hw.ep_link, time_scale=0.0)), **kw)
     a2a = sum(r.a2a_s for r in on.ranks) / len(on.ranks)
-    return {"link": on.step_s, "nolink": off.step_s, "a2a": a2a,
-            "exposed": (on.step_s - off.step_s) / a2a if a2a else None,
+    busy = world / plan.dims.pp * sum(r.busy for r in off.ranks) / world  # CPU s per rank
+    return {"link": on.step_s, "nolink": off.step_s, "a2a": a2a, "cpu": busy,
+            "exposed": (on.step_s - off.step_s) / on.step_s,
             "bubble": on.bubble_fraction, "inside": on.fraction("comm_inside"),
-            "outside": on.fraction("comm_outside")}
+            "outside": on.fraction("comm_outside"), "cpu_bound": on.pipeline_s > on.critical_s}
 
 
 def main(argv=None) -> int:
@@ -161,27 +180,35 @@ def main(argv=None) -> int:
         t = time.time()
         per_rank = run_ranks(measure_body, world, cfg, link, a.steps, timeout=3600)
         has_link = bool(per_rank[0]["link"])
-        m_off = min(min(r["nolink"]) for r in per_rank)
-        m_on = min(min(r["link"]) for r in per_rank) if has_link else m_off
-        emu = statistics.mean(r["emulated"] for r in per_rank) if has_link else 0.0
-        measured = m_on if has_link else m_off
+        off = [max(v) for v in zip(*(r["nolink"] for r in per_rank))]  # per step: the slowest rank
+        on = [max(v) for v in zip(*(r["link"] for r in per_rank))] if has_link else off
+        cpu = statistics.median(c for r in per_rank for c in r["cpu"])
+        med_on, med_off = statistics.median(on), statistics.median(off)
         predicted = pred["link"] if has_link else pred["nolink"]
-        rows.append({"run": label, "world": world, "measured_s": measured, "predicted_s": predicted,
-                     "error": predicted / measured - 1, "measured_nolink_s": m_off,
-                     "predicted_nolink_s": pred["nolink"],
-                     "measured_exposed": (m_on - m_off) / emu if emu else None,
+        rows.append({"run": label, "world": world, "measured_s": med_on, "measured_min_s": min(on),
+                     "predicted_s": predicted, "error": predicted / med_on - 1,
+                     "error_min": predicted / min(on) - 1, "measured_nolink_s": med_off,
+                     "predicted_nolink_s": pred["nolink"], "measured_cpu_s": cpu, "predicted_cpu_s": pred["cpu"],
+                     "measured_exposed": (med_on - med_off) / med_on if has_link else None,
                      "predicted_exposed": pred["exposed"] if has_link else None,
-                     "predicted_bubble": pred["bubble"], "wall_s": time.time() - t,
+                     "predicted_inside": pred["inside"], "predicted_outside": pred["outside"],
+                     "cpu_bound": pred["cpu_bound"], "predicted_bubble": pred["bubble"], "wall_s": time.time() - t,
                      "profile_gflops": hw.gemm_flops_per_s("fp32") / 1e9, "time_scale": hw.ep_link.time_scale,
-                     "a2a_latency_us": hw.net.a2a_latency_us, "load_average": __import__("os").getloadavg()[0]})
-    print(f"profile {hw.name}: GEMM {hw.gemm_flops_per_s('fp32') / 1e9:.2f} GFLOP/s achieved, "
-          f"link time_scale {hw.ep_link.time_scale:g}, {hw.shared_cores} shared cores")
-    hdr = f"{'run':<24} {'measured s':>10} {'predicted s':>11} {'error':>7} {'exposed meas':>12} {'exposed pred':>12}"
+                     "load_average": os.getloadavg()[0]})
+    print(f"profile {hw.name}: {hw.gemm_flops_per_s('fp32') / 1e9:.2f} GFLOP/s per rank, core share "
+          f"{hw.core_share:.2f}, a2a CPU {hw.net.a2a_cpu_us:.0f} us, link time_scale {hw.ep_link.time_scale:g}, "
+          f"{hw.shared_cores} shared cores; measured = median (min) over {a.steps} steps, slowest rank")
+    hdr = (f"{'run':<22} {'measured s':>15} {'predicted s':>11} {'error':>14} {'CPU s/rank m|p':>14} "
+           f"{'exposed m|p':>12} {'in|out pred':>11}")
     print(hdr + "\n" + "-" * len(hdr))
     for r in rows:
         f = lambda x: "-" if x is None else f"{100 * x:.0f}%"
-        print(f"{r['run']:<24} {r['measured_s']:>10.3f} {r['predicted_s']:>11.3f} {100 * r['error']:>+6.1f}% "
-              f"{f(r['measured_exposed']):>12} {f(r['predicted_exposed']):>12}")
+        print(f"{r['run']:<22} {r['measured_s']:>7.3f} ({r['measured_min_s']:.3f}) {r['predicted_s']:>11.3f} "
+              f"{100 * r['error']:>+6.1f}% ({100 * r['error_min']:+.0f}%) "
+              f"{r['measured_cpu_s']:>6.3f}|{r['predicted_cpu_s']:.3f} "
+              f"{f(r['measured_exposed']):>5}|{f(r['predicted_exposed']):<5} "
+              f"{f(r['predicted_inside']):>4}|{f(r['predicted_outside'])}"
+              + ("  (CPU-bound)" if r["cpu_bound"] else ""))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -136,6 +136,13 @@ def test_hardware_profiles_load_with_sources():
     assert load_profile("a100").gemm_dtype("fp8") == "bf16"  # no FP8 tensor cores
     with pytest.raises(ValueError, match="unknown keys"):
         profile_from_dict({"name": "x", "bogus": 1})
+    import yaml
+
+    for section in ("net", "ep_link"):  # a misspelt key inside a section: one line naming it
+        d = yaml.safe_load((root / "h800.yaml").read_text())
+        d[section]["bogus_gbps"] = 1.0
+        with pytest.raises(ValueError, match=f"unknown keys \\['bogus_gbps'\\] in {section}"):
+            profile_from_dict(d, "h800")
 
 
 def test_cpu_profile_drives_a_prediction():

@@ -21,7 +21,13 @@ with the GEMM and attention rates below and bytes into time with the links:
   gloo on CPU): bandwidth and per-step latency within and across nodes;
 * ``hbm_gbps``: memory bandwidth (prices the AdamW step over the ZeRO shard);
 * ``shared_cores``: 0 for devices of their own; > 0 when all ranks of the job share that many
-  CPU cores (simulated ranks): compute then slows down by ``max(1, ranks / shared_cores)``.
+  CPU cores (simulated ranks): a rank computes at ``core_share`` of its solo rate while the
+  others compute too (measured: cache and memory contention), and the step cannot be shorter
+  than all ranks' CPU seconds over the cores (``step_sim``: time-sharing; a rank that waits or
+  sleeps in the link emulation gives its core to another);
+* ``net.a2a_cpu_us``: CPU seconds one expert dispatch or combine costs the rank that issues it
+  (routing plan, packing, gloo's own threads): compute-stream time, not link time; likewise
+  ``net.p2p_cpu_us`` per pipeline send or receive.
 """
 from __future__ import annotations
 
@@ -58,10 +64,14 @@ class Net:
     inter_gbps: float
     intra_latency_us: float
     inter_latency_us: float
-    # one all-to-all exchange of the expert transport (0: priced by the ep_link alone, as on GPUs
-    # where DeepEP's kernels are the transfer); each dispatch/combine stage makes two (the
-    # count exchange, then the payload)
+    # wall seconds of one dispatch/combine stage of the expert transport beyond its CPU (count
+    # and payload exchanges; 0: priced by the ep_link alone, as on GPUs where DeepEP's kernels
+    # are the transfer)
     a2a_latency_us: float = 0.0
+    # CPU seconds per dispatch/combine on the issuing rank (0 on GPUs: the kernels run on the
+    # device's copy engines / SMs already priced); simulated CPU ranks pay it on their core
+    a2a_cpu_us: float = 0.0
+    p2p_cpu_us: float = 0.0  # CPU seconds of one pipeline send or receive (gloo; 0 on GPUs)
 
     def seconds(self, nbytes: float, steps: int, cross_node: bool) -> float:
         """``steps`` ring steps moving ``nbytes`` in all (per rank) over one link class."""
@@ -83,6 +93,7 @@ class HardwareProfile:
     ep_link: EpLink
     net: Net
     shared_cores: int = 0
+    core_share: float = 1.0  # per-rank rate with every shared core computing / solo rate
     measured: dict[str, Any] = field(default_factory=dict)  # calibration record (CPU profile)
 
     def gemm_dtype(self, precision: str) -> str:
@@ -110,6 +121,26 @@ def _need(d: dict, key: str, where: str):
     return d[key]
 
 
+def _share(d: dict, where: str) -> float:
+    v = float(d.get("core_share", 1.0))
+    if not 0 < v <= 1:
+        raise ValueError(f"hardware profile {where}: core_share={v} must be in (0, 1]")
+    return v
+
+
+def _section(cls, d: dict, key: str, where: str):
+    """``cls(**d[key])`` with an unknown or missing field named in one line."""
+    sub = _need(d, key, where)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(sub) - known)
+    if unknown:
+        raise ValueError(f"hardware profile {where}: unknown keys {unknown} in {key} (known: {sorted(known)})")
+    try:
+        return cls(**sub)
+    except TypeError as e:  # a required field is missing
+        raise ValueError(f"hardware profile {where}: {key}: {e}") from None
+
+
 def profile_from_dict(d: dict, where: str = "<dict>") -> HardwareProfile:
     known = {f.name for f in fields(HardwareProfile)}
     unknown = sorted(set(d) - known)
@@ -132,8 +163,8 @@ def profile_from_dict(d: dict, where: str = "<dict>") -> HardwareProfile:
         attn_efficiency_fwd=float(_need(d, "attn_efficiency_fwd", where)),
         attn_efficiency_bwd=float(_need(d, "attn_efficiency_bwd", where)),
         nongemm_fraction=frac, hbm_gbps=float(_need(d, "hbm_gbps", where)),
-        ep_link=EpLink(**_need(d, "ep_link", where)), net=Net(**_need(d, "net", where)),
-        shared_cores=int(d.get("shared_cores", 0)), measured=dict(d.get("measured") or {}))
+        ep_link=_section(EpLink, d, "ep_link", where), net=_section(Net, d, "net", where),
+        shared_cores=int(d.get("shared_cores", 0)), core_share=_share(d, where), measured=dict(d.get("measured") or {}))
 
 
 def available_profiles() -> list[str]:

@@ -33,7 +33,11 @@ reduce-scatter and all-gather of every bucket (bytes from ``traffic.rank_comm``,
 over the reduce group), then the AdamW step over the shard (memory-bound, ``hbm_gbps``).
 
 Step time = the latest pipeline end over ranks + the slowest rank's ZeRO-1 collectives and
-optimizer step (every rank meets in them).
+optimizer step (every rank meets in them). Simulated CPU ranks (``hw.shared_cores``) also
+time-share cores: the pipeline part is then at least every rank's compute seconds over the
+cores (``critical_s`` is the walk's end, ``pipeline_s`` the larger of the two); each expert
+dispatch/combine costs its issuing rank ``net.a2a_cpu_us`` of compute, each pipeline send or
+receive ``net.p2p_cpu_us``.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hai_llm.layout import make_schedule
+from hai_llm.layout.layout import TRANSPORTS
 from hai_llm.model.args import ModelArgs
 
 from .activations import FP8_TILE, SCALE_BYTES
@@ -85,7 +90,9 @@ def ep_copies(args: ModelArgs, plan: Plan, transport: str) -> dict[str, float]:
     ept = dict(plan.ep)
     if ep == 1 or args.n_moe_layers == 0:
         return {"ib": 0.0, "nvlink": 0.0, "stages": 0}
-    if ept["nodes"] == 1 or transport == "hierarchical":
+    # symmetric = hierarchical's copies: the same inter-node stage, and inside the node the same
+    # rows written into peers' buffers instead of sent (identical CommStats, tests/test_symm_a2a.py)
+    if ept["nodes"] == 1 or transport in ("hierarchical", "symmetric"):
         return {"ib": ept["ib"], "nvlink": ept["nvlink"], "stages": 2 if ept["nodes"] > 1 else 1}
     N, M, g = ept["nodes"], ept["nodes_per_token"], dims.gpus_per_node
     d = _distinct_targets(g, args.n_routed_experts // ep, args.n_activated_experts / M)
@@ -97,9 +104,13 @@ class _Pricer:
 
     def __init__(self, hw: HardwareProfile, gemm_dtype: str, world: int, fp8: bool):
         self.hw = hw
-        # ranks sharing CPU cores slow down together; devices of their own do not
-        slow = max(1.0, world / hw.shared_cores) if hw.shared_cores else 1.0
+        # ranks sharing CPU cores run at ``core_share`` of their solo rate (contention for caches
+        # and memory, measured); time-sharing of the cores is the step's CPU bound, applied after
+        # the schedule walk (``simulate_step``). Devices of their own do not slow each other.
+        slow = 1.0 / hw.core_share if hw.shared_cores and world > 1 else 1.0
         self.k = slow / (1.0 - hw.nongemm_fraction)
+        self.a2a_cpu = hw.net.a2a_cpu_us * 1e-6 * slow  # one dispatch/combine on the issuing core
+        self.p2p_cpu = hw.net.p2p_cpu_us * 1e-6 * slow  # one pipeline send or receive
         self.g = hw.gemm_flops_per_s(gemm_dtype)
         self.g_head = hw.gemm_flops_per_s("bf16" if fp8 else gemm_dtype)  # head + router stay BF16
         self.af, self.ab = hw.attn_flops_per_s(False), hw.attn_flops_per_s(True)
@@ -113,7 +124,8 @@ class _Pricer:
 
 
 def chunk_pieces(args: ModelArgs, stage: StagePlan, *, T: int, seq_len: int, pricer: _Pricer,
-                 recompute: str, dispatch_s: float, combine_s: float, is_last: bool) -> list[SimPiece]:
+                 recompute: str, dispatch_s: float, combine_s: float, is_last: bool,
+                 is_first: bool = True, p2p_cpu_s: float = 0.0) -> list[SimPiece]:
     """The pieces of one stage for one micro-batch of ``T`` tokens, in forward order.
 
     ``dispatch_s`` / ``combine_s``: one dispatch-shaped / combine-shaped all-to-all (0 without
@@ -138,11 +150,23 @@ def chunk_pieces(args: ModelArgs, stage: StagePlan, *, T: int, seq_len: int, pri
         if moe and dispatch_s:
             attn.edge_f, attn.edge_b = dispatch_s, combine_s
             mlp.edge_f, mlp.edge_b = combine_s, dispatch_s
+            # the CPU an issue costs its core (0 on GPUs): the dispatch (with its routing plan)
+            # from attn's forward, the combine from mlp's; backward: mlp's issues the dispatch's
+            # gradient, the combine's gradient is issued next to attn's backward (same block)
+            c = pricer.a2a_cpu
+            attn.f, mlp.f, mlp.b, attn.b = attn.f + c, mlp.f + c, mlp.b + c, attn.b + c
         out += [attn, mlp]
         if "head" in parts:
             out.append(SimPiece(f"head.{name}", "other", *pricer.piece(parts["head"], T, head=True)))
     if not is_last:  # the stage output (waits for the last block's combine, then the PP send)
         out.append(SimPiece("out", "other", 0.0, 0.0, 0.0))
+    if p2p_cpu_s and out:  # CPU of the pipeline messages (0 on GPUs): one per hop and direction
+        if not is_first:  # receive the input, send its gradient back
+            out[0].f += p2p_cpu_s
+            out[0].b += p2p_cpu_s
+        if not is_last:  # send the output, receive its gradient
+            out[-1].f += p2p_cpu_s
+            out[-1].b += p2p_cpu_s
     return out
 
 
@@ -257,7 +281,8 @@ class RankTiming:
 @dataclass
 class StepSim:
     step_s: float
-    pipeline_s: float
+    pipeline_s: float  # max(critical_s, the shared cores' CPU bound)
+    critical_s: float  # the schedule walk's end (dependencies only)
     zero_s: float
     optim_s: float
     ranks: list[RankTiming]
@@ -277,7 +302,7 @@ class StepSim:
     def bubble_fraction(self) -> float:
         """Idle compute lane outside all-to-all waits: pipeline bubbles and the end-of-step
         wait for the slowest rank, before the optimizer (ZeRO and AdamW are counted apart)."""
-        idle = sum(self.pipeline_s - r.busy - r.comm_inside - r.comm_outside for r in self.ranks)
+        idle = sum(self.critical_s - r.busy - r.comm_inside - r.comm_outside for r in self.ranks)
         return max(0.0, idle / len(self.ranks) / self.step_s)  # float sums: -1e-15 means 0
 
 
@@ -371,9 +396,10 @@ def simulate_step(plan: Plan, args: ModelArgs, hw: HardwareProfile, *, transport
 
     ``gemm_dtype``: the GEMM datatype (default: ``fp8`` for an FP8 plan, else ``bf16``; fp32
     for CPU runs); ``act_bytes``: bytes per activation element on the wire (default 2, bf16;
-    4 for fp32 CPU runs); ``transport``: ``flat`` or ``hierarchical`` expert all-to-all."""
-    if transport not in ("flat", "hierarchical"):
-        raise ValueError(f"transport must be 'flat' or 'hierarchical', got {transport!r}")
+    4 for fp32 CPU runs); ``transport``: ``flat``, ``hierarchical`` or ``symmetric`` (priced as
+    hierarchical: it moves the same bytes over the same links) expert all-to-all."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     layout = plan.layout
     dims = plan.dims
     fp8 = plan.precision == "fp8"
@@ -392,7 +418,7 @@ def simulate_step(plan: Plan, args: ModelArgs, hw: HardwareProfile, *, transport
             return 0.0
         ib, nvl = T * D * cp["ib"] * bytes_per_copy, T * D * cp["nvlink"] * bytes_per_copy
         real = hw.net.seconds(ib, 1, True) if ib else hw.net.seconds(nvl, 1, False)
-        real += 2 * cp["stages"] * hw.net.a2a_latency_us * 1e-6  # count + payload exchange per stage
+        real += cp["stages"] * hw.net.a2a_latency_us * 1e-6  # count + payload exchange, per stage
         if cp["stages"] == 2:
             emu = hw.ep_link.stage_seconds(0.0, ib) + hw.ep_link.stage_seconds(nvl, 0.0)
         else:
@@ -407,13 +433,21 @@ def simulate_step(plan: Plan, args: ModelArgs, hw: HardwareProfile, *, transport
     for s in plan.stages:
         pieces[s.index] = chunk_pieces(args, s, T=T, seq_len=plan.seq_len, pricer=pricer,
                                        recompute=plan.recompute, dispatch_s=dispatch_s,
-                                       combine_s=combine_s, is_last=s.index == len(plan.stages) - 1)
+                                       combine_s=combine_s, is_last=s.index == len(plan.stages) - 1,
+                                       is_first=s.index == 0, p2p_cpu_s=pricer.p2p_cpu)
 
     def chunk_of(rank: int, chunk: int) -> list[SimPiece]:
         return pieces[layout.stages_of(rank)[chunk]] if layout.schedule is not None else pieces[0]
 
     timings, clock, spans = walk_schedule(sched, chunk_of, pp_send_s, keep_spans)
-    pipeline_s = max(clock)
+    critical_s = max(clock)
+    # ranks time-sharing ``shared_cores`` CPU cores: every rank's compute seconds (world / pp
+    # copies of each pipeline rank's) must fit on the cores, whatever the schedule; a rank
+    # waiting for a neighbour, a collective or the link emulation's sleep leaves its core to
+    # others, so the step is the longer of the walk (dependencies) and this bound (capacity)
+    cores = min(hw.shared_cores, dims.world_size) if hw.shared_cores else 0
+    cpu_bound_s = dims.world_size / dims.pp * sum(rt.busy for rt in timings) / cores if cores else 0.0
+    pipeline_s = max(critical_s, cpu_bound_s)
     b_m = 2 if plan.optim_dtype == "bf16" else 4
     for r, rt in enumerate(timings):
         rt.zero_s = _zero_seconds(plan, r, hw) if plan.zero1 or dims.stage_size > 1 else 0.0
@@ -422,7 +456,8 @@ def simulate_step(plan: Plan, args: ModelArgs, hw: HardwareProfile, *, transport
     zero_s = max(rt.zero_s for rt in timings)
     optim_s = max(rt.optim_s for rt in timings)
     tokens = plan.global_batch_sequences * plan.seq_len
-    return StepSim(step_s=pipeline_s + zero_s + optim_s, pipeline_s=pipeline_s, zero_s=zero_s,
+    return StepSim(step_s=pipeline_s + zero_s + optim_s, pipeline_s=pipeline_s, critical_s=critical_s,
+                   zero_s=zero_s,
                    optim_s=optim_s, ranks=timings, tokens_per_step=tokens, world=dims.world_size,
                    spans=spans, piece_table={str(k): v for k, v in pieces.items()},
                    dispatch_s=dispatch_s, combine_s=combine_s, pp_send_s=pp_send_s)
