@@ -28,6 +28,10 @@ if not torch.cuda.is_available():
 from hai_llm.parallel.spawn import run_ranks  # noqa: E402
 from helpers import layout_config, rel_err, single_process, stitch  # noqa: E402
 
+# full training steps on 4 ranks (one spawn, ~20 s): CI's slow step; the exchange itself is
+# checked bit for bit against flat by tests/test_symm_a2a.py in the default suite
+pytestmark = pytest.mark.slow
+
 STEPS = 2
 NODE_LIMITED = ["n_expert_groups=2", "n_limited_groups=1"]  # 2 virtual nodes: one group per node
 PIPE = ["n_layers=4", "n_dense_layers=1"]
