@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 # torch.Size, the enum of memory formats, the layout look-up torch registers for pickling
 # torch.layout, and the Path a checkpoint id is stored as. Every one of them only stores data:
 # reconstructing it runs no user-chosen code. torch dtypes are accepted by type (below).
-ALLOWED = {
+ALLOWED = frozenset({
     ("torch.distributed.checkpoint.metadata", n) for n in (
         "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
         "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
@@ -50,7 +50,7 @@ ALLOWED = {
     ("collections", "OrderedDict"),
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
     ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-}
+})
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):

@@ -199,6 +199,12 @@ class HierarchicalTransport(Transport):
             aux1[plan.s2_order] = parts[1]
             aux_back = st.a2a(self.inter, aux1, plan.row_recv_splits, plan.row_splits)
         yield st
+        return self._token_outputs(plan, copies, aux_back)
+
+    def _token_outputs(self, plan: HierPlan, copies, aux_back):
+        """The combine's last step, shared with the symmetric transport: sum the (token, node)
+        partials that came back into one row per token (ascending node, the canonical order), and
+        put the returned per-slot aux values back in (token, k) order."""
         out = self._sum_rows(copies, plan.copy_token, plan.n_tokens)
         aux = None
         if aux_back is not None:

@@ -285,9 +285,4 @@ class SymmetricTransport(HierarchicalTransport):
         else:
             copies, aux_back = partial, aux1
             self._local_stage(op, partial, aux1)
-        out = self._sum_rows(copies, plan.copy_token, plan.n_tokens)
-        aux = None
-        if aux_back is not None:
-            aux = aux_back.new_zeros(plan.n_tokens * plan.topk, aux_back.shape[1])
-            aux[plan.row_slot] = aux_back
-        return out, aux
+        return self._token_outputs(plan, copies, aux_back)
